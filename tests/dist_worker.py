@@ -1,0 +1,72 @@
+"""One rank of a distributed test: run TRAM steps on this rank's slice, write results to a file.
+
+    torchrun --nproc_per_node 2 tests/dist_worker.py --stack fsdp1 --variant FULL_SHARD,orig \
+        --methods sam,asam --steps 3 --out DIR
+
+Each rank writes DIR/rank{r}.pt: {method: {"state": full weights, "metrics": [...]}} and the
+collectives it counted, so the parent test never parses interleaved stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stacks  # noqa: E402
+from tiny import LR, METHODS, make_batches, make_model, micro_batches, shard  # noqa: E402
+
+from tram_dist import TRAM, TRAMConfig  # noqa: E402
+
+
+def run_method(args, name: str, rank: int, world: int) -> dict:
+    model = make_model(0)
+    wrapped, optimizer = stacks.wrap(args.stack, args.variant, model, LR, args.dtype)
+    tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[name]))
+    metrics, counts = [], []
+    for step, batch in enumerate(make_batches(args.steps)):
+        local = micro_batches(shard(batch, rank, world), args.micro)
+        with stacks.CollectiveCounter() as counter:
+            m = tram.step(local if args.micro > 1 else local[0])
+        metrics.append(m)
+        counts.append(counter.counts)
+    return {"state": stacks.full_state(args.stack, wrapped), "metrics": metrics, "collectives": counts}
+
+
+def check_grads(args, rank: int, world: int) -> dict:
+    """One plain forward/backward on this rank's slice: the stack's own averaged gradient."""
+    model = make_model(0)
+    wrapped, _ = stacks.wrap(args.stack, args.variant, model, LR, args.dtype)
+    loss, _ = wrapped(**shard(make_batches(1)[0], rank, world))
+    if args.stack.startswith("zero"):
+        wrapped.backward(loss)
+    else:
+        loss.backward()
+    return stacks.plain_grads(args.stack, wrapped)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--stack", required=True)
+    p.add_argument("--variant", default="")
+    p.add_argument("--methods", default="sam,asam,tram_noised,tram_previous")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--micro", type=int, default=1)
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--out", required=True)
+    p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
+    args = p.parse_args()
+    stacks.init_distributed(args.stack)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {"plain_grads": check_grads(args, rank, world)}
+    results.update({name: run_method(args, name, rank, world) for name in args.methods.split(",")})
+    torch.save(results, os.path.join(args.out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

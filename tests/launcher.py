@@ -1,0 +1,32 @@
+"""Run tests/dist_worker.py on 2 gloo ranks under torchrun and collect each rank's result file."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(tmp_path, *worker_args: str, timeout: int = 240) -> list[dict]:
+    """Launch 2 ranks; fail with their output on a non-zero exit or a hang; return rank results."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           os.path.join(HERE, "dist_worker.py"), "--out", str(tmp_path), *worker_args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", KINETO_LOG_LEVEL="5", PYTHONWARNINGS="ignore")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"distributed run hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(WORLD)]

@@ -1,0 +1,104 @@
+"""A single-process TRAM written from TRAM_SPEC.md by hand, independent of tram_dist.
+
+It trains TinyClassifier on the FULL global batch; a distributed run on per-rank slices must
+end at the same weights. The only thing it shares with tram_dist is the documented noise
+scheme: rank r draws its noise from a CPU generator seeded seed + r, one draw of the embedding
+output's shape per micro-batch, so the reference concatenates the draws in data order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tiny import GLOBAL_BATCH, HIDDEN, LR, SEQ, make_batches, make_model
+
+EPS = 1e-12
+
+
+def _logits(model, input_ids, z=None):
+    h = model.embed(input_ids)
+    if z is not None:
+        h = h + z
+    return model.fc2(torch.tanh(model.fc1(h)).mean(dim=1))
+
+
+def _kl_per_example(clean, target, direction):
+    lp_c, lp_t = F.log_softmax(clean, -1), F.log_softmax(target, -1)
+    fwd = (lp_t.exp() * (lp_t - lp_c)).sum(-1)
+    rev = (lp_c.exp() * (lp_c - lp_t)).sum(-1)
+    return {"forward": fwd, "reverse": rev, "symmetric": (fwd + rev) / 2}[direction]
+
+
+def _e(geometry, thetas, grads, r, eta, eta_f):
+    """e per parameter with the global norm over all of them (TRAM_SPEC.md section 2)."""
+    if geometry == "sam":
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        return [r * g / (norm + EPS) for g in grads]
+    if geometry == "asam":
+        ts = [th.abs() + eta for th in thetas]
+        norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(ts, grads)))
+        return [r * t * t * g / (norm + EPS) for t, g in zip(ts, grads)]
+    fs = [1 + eta_f * g ** 2 for g in grads]
+    norm = torch.sqrt(sum((g ** 2 / f).sum() for f, g in zip(fs, grads)))
+    return [r * (g / f) / (norm + EPS) for f, g in zip(fs, grads)]
+
+
+def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1):
+    """Train `steps` TRAM steps on the full batch. Returns (state_dict, per-step metrics)."""
+    geometry = method.get("geometry", "asam")
+    target = method.get("target", "noised_input")
+    rho = method.get("rho")
+    eta, eta_f = method.get("eta", 0.0), method.get("eta_f", 0.1)
+    scale, rho_max = method.get("scale", 1.0), method.get("rho_max")
+    sigma, direction = method.get("sigma", 0.1), method.get("divergence", "forward")
+    decay, seed = method.get("ema_decay", 0.99), method.get("seed", 0)
+    model = make_model(0)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=LR)
+    gens = [torch.Generator().manual_seed(seed + r) for r in range(world)]
+    snapshot = [p.detach().clone() for p in params] if target in ("initial", "ema") else None
+    metrics = []
+    for batch in make_batches(steps):
+        ids, labels = batch["input_ids"], batch["labels"]
+        clean = _logits(model, ids)
+        loss = F.cross_entropy(clean, labels)
+        loss.backward()
+        grads = [p.grad.detach().clone() for p in params]
+        thetas = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            if target is None:
+                r = rho
+            elif target == "noised_input":
+                n = GLOBAL_BATCH // world // micro
+                z = torch.cat([torch.randn((n, SEQ, HIDDEN), generator=gens[rk]) * sigma
+                               for rk in range(world) for _ in range(micro)])
+                r = scale * _kl_per_example(clean.detach(), _logits(model, ids, z), direction).mean().item()
+            elif snapshot is None:  # "previous" at step 0: no history yet
+                r = method.get("radius_at_start", 0.0)
+            else:
+                for p, s in zip(params, snapshot):
+                    p.copy_(s)
+                tgt = _logits(model, ids)
+                for p, th in zip(params, thetas):
+                    p.copy_(th)
+                r = scale * _kl_per_example(clean.detach(), tgt, direction).mean().item()
+            if target is not None and rho_max is not None:
+                r = min(r, rho_max)
+            es = _e(geometry, thetas, grads, r, eta, eta_f)
+            for p, th, e in zip(params, thetas, es):
+                p.copy_(th + e)
+        opt.zero_grad()
+        loss_perturbed = F.cross_entropy(_logits(model, ids), labels)
+        loss_perturbed.backward()
+        with torch.no_grad():
+            for p, th in zip(params, thetas):
+                p.copy_(th)
+            if target == "previous":
+                snapshot = [th.clone() for th in thetas]
+            elif target == "ema":
+                snapshot = [decay * s + (1 - decay) * th for s, th in zip(snapshot, thetas)]
+        opt.step()
+        opt.zero_grad()
+        metrics.append({"d": r, "loss": loss.item(),
+                        "grad_norm": torch.sqrt(sum((g ** 2).sum() for g in grads)).item()})
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics

@@ -1,0 +1,179 @@
+"""How the tests build each stack on CPU: process groups, wrapping, full weights, collective counts.
+
+This is test scaffolding written against the torch / DeepSpeed APIs directly; it does not call
+tram_dist, so the reference comparison stays independent of the code under test.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_distributed(stack: str) -> None:
+    if stack.startswith("zero"):
+        # Skip the ~100 s JIT build of a shared-memory op only inference_all_reduce uses
+        # (DESIGN_NOTES.md); a plain `import deepspeed.comm.torch as m` would bind the wrong module.
+        importlib.import_module("deepspeed.comm.torch")
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+
+
+def wrap(stack: str, variant: str, model: nn.Module, lr: float, dtype: str = "fp32"):
+    """(wrapped model or engine, base optimizer or None) for one stack and variant."""
+    if stack == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model)
+        return ddp, torch.optim.AdamW(ddp.parameters(), lr=lr)
+    if stack == "fsdp1":
+        return _fsdp1(model, variant, lr)
+    if stack == "fsdp2":
+        return _fsdp2(model, variant, lr, dtype)
+    if stack.startswith("zero"):
+        return _deepspeed(model, int(stack[-1]), variant, lr, dtype), None
+    raise ValueError(stack)
+
+
+def _fsdp1(model, variant, lr):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+
+    strategy, orig = variant.split(",")
+    kwargs = dict(device_id=torch.device("cpu"), use_orig_params=(orig == "orig"),
+                  sharding_strategy=ShardingStrategy[strategy])
+    if strategy == "HYBRID_SHARD":
+        # One replica of a 2-rank shard group. A (2, 1) mesh would test the replica logic, but
+        # FSDP1 then does not average gradients across the replicas on gloo (the plain-gradient
+        # check catches it); FSDP2's HSDP runs on (2, 1) instead.
+        kwargs["device_mesh"] = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
+    model.fc1 = FSDP(model.fc1, **kwargs)
+    fsdp = FSDP(model, **kwargs)
+    return fsdp, torch.optim.AdamW(fsdp.parameters(), lr=lr)
+
+
+def _fsdp2(model, variant, lr, dtype):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if variant == "hsdp":
+        mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16" else MixedPrecisionPolicy()
+    fully_shard(model.fc1, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr)
+
+
+def _deepspeed(model, stage, variant, lr, dtype):
+    import deepspeed
+
+    cfg = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": dtype == "bf16"},
+    }
+    if stage == 3 and variant != "default_threshold":
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    return engine
+
+
+def plain_grads(stack: str, wrapped) -> dict:
+    """The full averaged gradient after one plain backward, by plain parameter names."""
+    if stack == "fsdp1" and not wrapped._use_orig_params:
+        return _flat_grads(wrapped)
+    if stack == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(wrapped, with_grads=True, writeback=False):
+            return {n.replace("_fsdp_wrapped_module.", ""): p.grad.detach().clone() for n, p in wrapped.named_parameters()}
+    if stack == "fsdp2":
+        return {n: p.grad.full_tensor().detach().clone() for n, p in wrapped.named_parameters()}
+    if stack == "ddp":
+        return {n: p.grad.detach().clone() for n, p in wrapped.module.named_parameters()}
+    if stack.startswith("zero"):
+        from deepspeed.utils import safe_get_full_grad
+
+        return {n: safe_get_full_grad(p).detach().float().clone() for n, p in wrapped.module.named_parameters()}
+    raise ValueError(stack)
+
+
+def _flat_grads(wrapped) -> dict:
+    """FSDP1 with use_orig_params=False (summon_full_params cannot give grads there): all-gather
+    each unit's sharded FlatParameter grad and cut it up by the FlatParameter's own metadata."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    out = {}
+    for name, module in wrapped.named_modules():
+        if not isinstance(module, FSDP) or module._handle is None:
+            continue
+        fp = module._handle.flat_param
+        full = fp.grad
+        if module._handle.uses_sharded_strategy:
+            full = fp.grad.new_empty(fp.grad.numel() * dist.get_world_size())
+            dist.all_gather_into_tensor(full, fp.grad.contiguous())
+        sizes = list(fp._numels_with_padding)
+        pieces = full[:sum(sizes)].split(sizes)  # drop the shard padding at the end
+        prefix = name.replace("_fsdp_wrapped_module", "").strip(".")
+        real = [p for p, pad in zip(pieces, fp._is_padding_mask) if not pad]
+        for fqn, shape, piece in zip(fp._fqns, fp._shapes, real):
+            out[f"{prefix}.{fqn}".strip(".")] = piece.view(shape).clone()
+    return out
+
+
+def full_state(stack: str, wrapped) -> dict:
+    """The full (unsharded) weights by their plain names, on every rank."""
+    if stack == "ddp":
+        return {k: v.detach().clone() for k, v in wrapped.module.state_dict().items()}
+    if stack == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(wrapped, writeback=False):
+            return {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                    for n, p in wrapped.named_parameters()}
+    if stack == "fsdp2":
+        return {n: p.full_tensor().detach().clone() for n, p in wrapped.named_parameters()}
+    if stack.startswith("zero"):
+        import deepspeed
+
+        params = list(wrapped.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+            return {n: p.detach().float().clone() for n, p in wrapped.module.named_parameters()}
+    raise ValueError(stack)
+
+
+class CollectiveCounter:
+    """Counts the collectives this process issues, by name, and the bytes they carry.
+
+    Uses the profiler's record of c10d dispatcher ops, which also sees the collectives DDP's
+    C++ reducer issues from the autograd engine.
+    """
+
+    def __enter__(self):
+        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        counts = collections.Counter()
+        for ev in self._prof.events():
+            if ev.name.startswith("c10d::"):
+                counts[ev.name] += 1
+        self.counts = dict(counts)
+        return False

@@ -1,0 +1,13 @@
+"""tram_dist: TRAM (Trust Region Aware Minimization) for sharded fine-tuning.
+
+    from tram_dist import TRAM, TRAMConfig
+    tram = TRAM(model, torch.optim.AdamW(model.parameters(), lr=2e-5), TRAMConfig(target="noised_input"))
+    for batch in loader:
+        metrics = tram.step(batch)
+"""
+from .config import TRAMConfig
+from .forward import causal_lm_forward, default_forward
+from .optimizer import TRAM
+
+__all__ = ["TRAM", "TRAMConfig", "causal_lm_forward", "default_forward"]
+__version__ = "0.1.0"

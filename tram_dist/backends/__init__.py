@@ -1,0 +1,45 @@
+"""Choose the backend once, from the type of the wrapped model or engine."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Backend
+from .torch_native import DDPBackend, FSDP1Backend, FSDP2Backend, LocalBackend
+
+__all__ = ["Backend", "make_backend"]
+
+
+def make_backend(model, optimizer=None, group=None) -> Backend:
+    """The backend for ``model``: a DeepSpeed engine, DDP, FSDP1, FSDP2, or a plain module."""
+    if _is_deepspeed_engine(model):
+        from .deepspeed import make_deepspeed_backend
+
+        if optimizer is not None:
+            raise ValueError("optimizer: pass None with a DeepSpeed engine; the engine owns its optimizer "
+                             "(TRAM drives the engine around it)")
+        return make_deepspeed_backend(model, group)
+    if optimizer is None:
+        raise ValueError("optimizer: a torch optimizer over the model's parameters is required "
+                         "unless the model is a DeepSpeed engine")
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return DDPBackend(model, optimizer, group)
+    if isinstance(model, FullyShardedDataParallel):
+        return FSDP1Backend(model, optimizer, group)
+    if _is_fsdp2(model):
+        return FSDP2Backend(model, optimizer, group)
+    if isinstance(model, nn.Module):
+        return LocalBackend(model, optimizer)
+    raise ValueError(f"model: expected an nn.Module, DDP, FSDP or a DeepSpeed engine, got {type(model).__name__}")
+
+
+def _is_deepspeed_engine(model) -> bool:
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())

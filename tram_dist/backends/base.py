@@ -1,0 +1,145 @@
+"""The one interface between TRAM and a sharding stack.
+
+TRAM's math sees each rank's local pieces of theta and g as plain tensors, aligned element for
+element. A backend says which tensors those are, where a new value must be written so that the
+next forward really uses it, how theta comes back, and which process group carries the one
+packed all-reduce of a step. No other module of tram_dist branches on the stack.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class Backend:
+    """A sharding stack as TRAM sees it. Subclasses fill in the pieces and the writes.
+
+    norm_weight is 1.0 where this rank's local partial sums count toward the global norm and
+    0.0 on a replica of pieces another rank already counts (DDP, NO_SHARD, the replicas of
+    HSDP, ZeRO-0): the global sums then come out of the same world-wide all-reduce that
+    averages the divergence over every rank's data.
+    """
+
+    name = "base"
+
+    def __init__(self, model: nn.Module, optimizer, group=None):
+        self.model = model
+        self.optimizer = optimizer
+        self.group = group
+        self.world_size = dist.get_world_size(group) if _distributed() else 1
+        self.rank = dist.get_rank(group) if _distributed() else 0
+        self.norm_weight = 1.0
+
+    # -- what the forward passes call ------------------------------------------------------
+    @property
+    def forward_module(self) -> nn.Module:
+        """The module the two gradient passes call."""
+        return self.model
+
+    @property
+    def target_module(self) -> nn.Module:
+        """The module a no-grad target forward calls (the same weights, no gradient hooks needed)."""
+        return self.model
+
+    @property
+    def inner_module(self) -> nn.Module:
+        """The user's model under any wrapper, for finding the input-embedding layer."""
+        return self.model
+
+    # -- the local pieces --------------------------------------------------------------------
+    def local_params(self) -> list[Tensor]:
+        """This rank's pieces of theta (fp32 master where the stack keeps one)."""
+        raise NotImplementedError
+
+    def local_grads(self) -> list[Optional[Tensor]]:
+        """The reduced gradient on the same pieces; None where a piece has none."""
+        raise NotImplementedError
+
+    def load(self, values: Iterable[Tensor]) -> None:
+        """Write one value per local piece into the tensors the next forward uses.
+
+        The first load after theta keeps what restore needs (at most one shard-sized copy).
+        """
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Put theta back, exactly, into the tensors the forward uses. No-op when nothing was loaded."""
+        raise NotImplementedError
+
+    # -- collectives and training ----------------------------------------------------------
+    def all_reduce(self, packed: Tensor) -> Tensor:
+        """SUM one packed tensor over every data-parallel rank: the step's only added collective."""
+        if self.world_size > 1:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
+        return packed
+
+    def backward(self, loss: Tensor, num_micro: int) -> None:
+        """Backward of one micro-batch's mean loss; gradients add up to the mean over the step."""
+        (loss / num_micro).backward()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        """Restore theta, then the base optimizer step with the gradient taken at theta + e."""
+        self.restore()
+        self.optimizer.step()
+        self.zero_grad()
+
+    def validate(self) -> None:
+        """Raise ValueError for a stack configuration TRAM cannot serve, before any collective."""
+
+
+class TensorBackend(Backend):
+    """Stacks whose forward reads the very tensors that hold theta (local, DDP, FSDP1, FSDP2).
+
+    load writes into those tensors in place and keeps one copy of the local pieces to restore.
+    """
+
+    def __init__(self, model: nn.Module, optimizer, group=None):
+        super().__init__(model, optimizer, group)
+        self._saved: Optional[list[Tensor]] = None
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _local(self, t: Tensor) -> Tensor:
+        """The plain local tensor behind a parameter or gradient (a DTensor's shard under FSDP2)."""
+        return t
+
+    def _settle(self) -> None:
+        """Bring the parameters back to their sharded, between-passes form (FSDP2 needs it)."""
+
+    def local_params(self) -> list[Tensor]:
+        self._settle()
+        return [self._local(p).detach() for p in self._params()]
+
+    def local_grads(self) -> list[Optional[Tensor]]:
+        return [None if p.grad is None else self._local(p.grad) for p in self._params()]
+
+    @torch.no_grad()
+    def load(self, values: Iterable[Tensor]) -> None:
+        pieces = self.local_params()
+        keep = self._saved is None
+        saved = []
+        for piece, value in zip(pieces, values, strict=True):
+            if keep:
+                saved.append(piece.clone())
+            piece.copy_(value)
+        if keep:
+            self._saved = saved
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self._saved is None:
+            return
+        for piece, theta in zip(self.local_params(), self._saved, strict=True):
+            piece.copy_(theta)
+        self._saved = None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()

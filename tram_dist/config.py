@@ -1,0 +1,113 @@
+"""TRAMConfig: every TRAM setting in one validated dataclass (../shared/TRAM_SPEC.md)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+GEOMETRIES = ("sam", "asam", "fisher")
+TARGETS = (None, "noised_input", "previous", "initial", "ema")
+DIVERGENCES = ("forward", "reverse", "symmetric")
+NOISES = ("normal", "uniform")
+MODES = ("global",)
+
+# The paper's baseline radius of each geometry (SAM rho 0.05, ASAM rho 0.5, FSAM gamma 0.1).
+DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, "fisher": 0.1}
+
+
+@dataclass
+class TRAMConfig:
+    """Settings of one TRAM (or plain SAM / ASAM / Fisher-SAM) optimizer.
+
+    With ``target=None`` the radius is the fixed ``rho`` (SAM, ASAM, Fisher-SAM). With a target
+    the radius is the trust-region divergence d_t = scale * KL(p_target || p_current), clamped
+    at ``rho_max`` (TRAM). The paper's headline TRAM is ``geometry="asam", eta=0.0``.
+    """
+
+    geometry: str = "asam"
+    """Shape of the ascent step e: "sam" (g/||g||), "asam" (T^2 g/||T g||), "fisher" ((g/f)/sqrt(sum g^2/f))."""
+    target: Optional[str] = "noised_input"
+    """Where p_target comes from: None (fixed radius rho), "noised_input", "previous", "initial", "ema"."""
+    rho: Optional[float] = None
+    """Fixed radius when target is None; None takes the paper's baseline of the geometry (0.05, 0.5, 0.1)."""
+    eta: float = 0.0
+    """ASAM's T = |theta| + eta (TRAM paper 0.0, Kwon et al. 0.01)."""
+    eta_f: float = 0.1
+    """Fisher geometry's f = 1 + eta_f * g^2."""
+    divergence: str = "forward"
+    """KL direction: "forward" KL(p_target||p_current), "reverse" KL(p_current||p_target), "symmetric" (their sum / 2)."""
+    scale: float = 1.0
+    """Multiplier on the mean KL before it is used as the radius."""
+    rho_max: Optional[float] = None
+    """Optional upper clamp of the divergence radius."""
+    radius_at_start: float = 0.0
+    """Radius on a step whose target has no history yet ("previous" at step 0): 0 makes it a plain step."""
+    sigma: float = 0.1
+    """Input-embedding noise scale of the "noised_input" target (std or half-width); the paper gives none, 0.1 is R3F's."""
+    noise: str = "normal"
+    """Distribution of the input-embedding noise: "normal" N(0, sigma^2) or "uniform" U(-sigma, sigma)."""
+    ema_decay: float = 0.99
+    """Decay of the "ema" target: ema <- decay * ema + (1 - decay) * theta before each update."""
+    seed: int = 0
+    """Seed of the noise generator; rank r draws from its own generator seeded seed + r."""
+    mode: str = "global"
+    """"global": one perturbation per optimizer step over all micro-batches."""
+    eps: float = 1e-12
+    """Guard added to every norm in a denominator."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def radius(self) -> float:
+        """The fixed radius: rho, or the paper's baseline for the geometry when rho is None."""
+        return DEFAULT_RHO[self.geometry] if self.rho is None else self.rho
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the allowed values. Runs before any collective."""
+        _choice("geometry", self.geometry, GEOMETRIES)
+        _choice("target", self.target, TARGETS)
+        _choice("divergence", self.divergence, DIVERGENCES)
+        _choice("noise", self.noise, NOISES)
+        _choice("mode", self.mode, MODES)
+        if self.rho is not None:
+            _number("rho", self.rho, low=0.0)
+        _number("eta", self.eta, low=0.0)
+        _number("eta_f", self.eta_f, low=0.0)
+        _number("scale", self.scale, low=0.0)
+        _number("radius_at_start", self.radius_at_start, low=0.0)
+        _number("sigma", self.sigma, low=0.0)
+        _number("eps", self.eps, low=0.0)
+        if self.rho_max is not None:
+            _number("rho_max", self.rho_max, low=0.0)
+        _number("ema_decay", self.ema_decay, low=0.0, high=1.0, open_interval=True)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"TRAMConfig.seed must be an int, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for logs and checkpoints; TRAMConfig.from_dict inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TRAMConfig":
+        """Build from a dict, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TRAMConfig field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"TRAMConfig.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _number(name: str, value: Any, low: float, high: float = math.inf, open_interval: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = low < value < high if open_interval else low <= value <= high
+    if not ok:
+        bounds = f"in ({low}, {high})" if open_interval else f">= {low}" + ("" if high == math.inf else f" and <= {high}")
+        raise ValueError(f"TRAMConfig.{name} must be a finite number {bounds}, got {value!r}")

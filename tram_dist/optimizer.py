@@ -1,0 +1,169 @@
+"""TRAM: a sharding-aware SAM-family optimizer wrapper whose radius is a trust-region divergence."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import divergence, rules
+from .backends import make_backend
+from .config import TRAMConfig
+from .forward import default_forward, split_output
+from .targets import NoisedInput, Snapshot
+
+# Entries of the packed vector of one step's single all-reduce (after the rule's sums).
+_KL_SUM, _KL_COUNT, _LOSS_SUM, _LOSS_COUNT = range(rules.NUM_SUMS, rules.NUM_SUMS + 4)
+
+
+class TRAM:
+    """Wraps a model (plain, DDP, FSDP1, FSDP2) and its base optimizer, or a DeepSpeed engine.
+
+    One step (TRAM_SPEC.md section 4):
+      1. pass 1 at theta over the step's micro-batches; for each, a no-grad target forward and
+         the local KL sum and count;
+      2. ONE all-reduce of [N, sum g^2, sum u^2, KL sum, KL count, loss sum, loss count];
+      3. d_t = scale * KL sum / KL count (clamped at rho_max), or the fixed rho without a target;
+         e = d_t * u / (sqrt(N) + eps) on each rank's own shard; theta <- theta + e;
+      4. pass 2 at theta + e on the same micro-batches;
+      5. restore theta exactly, refresh the target snapshot, base optimizer step with g'.
+
+    Use ``step(batches)`` in a plain loop, or the explicit calls ``observe`` (after each pass-1
+    backward), ``ascent_step`` and ``descent_step`` around a second pass you run yourself.
+    """
+
+    def __init__(self, model: Any, optimizer: Optional[torch.optim.Optimizer] = None,
+                 config: Optional[TRAMConfig] = None, *, forward_fn: Optional[Callable] = None,
+                 embedding: Optional[nn.Module] = None, group=None):
+        self.config = config if config is not None else TRAMConfig()
+        self.config.validate()
+        self.backend = make_backend(model, optimizer, group)
+        self.backend.validate()
+        self.forward_fn = forward_fn or default_forward
+        self.noised: Optional[NoisedInput] = None
+        self.snapshot: Optional[Snapshot] = None
+        target = self.config.target
+        if target == "noised_input":
+            embedding = embedding if embedding is not None else _input_embedding(self.backend.inner_module)
+            self.noised = NoisedInput(embedding, self.config.sigma, self.config.noise, self.config.seed, self.backend.rank)
+        elif target is not None:
+            self.snapshot = Snapshot(target, self.config.ema_decay)
+        self.step_count = 0
+        self._partial = torch.zeros(4, dtype=torch.float64)
+        self._started = False
+        self._metrics: dict[str, float] = {}
+
+    # -- the one-call step ------------------------------------------------------------------
+    def step(self, batches: Any) -> dict[str, float]:
+        """One TRAM step over ``batches`` (one batch, or a list of micro-batches); returns metrics."""
+        micro = list(batches) if isinstance(batches, list) else [batches]
+        n = len(micro)
+        for batch in micro:
+            loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
+            self.backend.backward(loss, n)
+            self.observe(batch, logits, mask, loss)
+        self.ascent_step()
+        perturbed = 0.0
+        for batch in micro:
+            loss, _, _ = split_output(self.forward_fn(self.backend.forward_module, batch))
+            self.backend.backward(loss, n)
+            perturbed += float(loss.detach()) / n
+        return self.descent_step(loss_perturbed=perturbed)
+
+    # -- the explicit calls -----------------------------------------------------------------
+    def observe(self, batch: Any, logits: Tensor, mask: Optional[Tensor] = None,
+                loss: Optional[Tensor] = None) -> None:
+        """Record one pass-1 micro-batch: its loss, and the target forward's local KL sum/count.
+
+        Call it after that micro-batch's backward (a snapshot target rewrites the parameters
+        in place, which must not happen while autograd still needs them).
+        """
+        self._begin()
+        if loss is not None:
+            self._partial[2] += float(loss.detach())
+            self._partial[3] += 1
+        target = self._target_logits(batch)
+        if target is None:
+            return
+        kl_sum, count = divergence.kl_sum_count(logits, target, self.config.divergence, mask)
+        self._partial[0] += float(kl_sum)
+        self._partial[1] += float(count)
+
+    @torch.no_grad()
+    def ascent_step(self) -> float:
+        """One all-reduce, then theta <- theta + e on every local shard; zeroes the gradients.
+
+        Returns the radius used (d_t, or rho without a target)."""
+        self._begin()
+        cfg, backend = self.config, self.backend
+        thetas, grads = backend.local_params(), backend.local_grads()
+        sums = rules.local_sums(cfg.geometry, thetas, grads, cfg.eta, cfg.eta_f) * backend.norm_weight
+        packed = torch.cat([sums, self._partial.to(sums.device)])
+        backend.all_reduce(packed)
+        packed = packed.cpu()
+        r = self._radius(packed)
+        factor = rules.scale_factor(r, float(packed[rules.NORMALISER]), cfg.eps)
+        backend.load(rules.ascent(cfg.geometry, th, g, factor, cfg.eta, cfg.eta_f) for th, g in zip(thetas, grads))
+        backend.zero_grad()
+        count = float(packed[_KL_COUNT])
+        self._metrics = {
+            "d": r,
+            "kl": float(packed[_KL_SUM]) / count if count > 0 else 0.0,
+            "grad_norm": math.sqrt(float(packed[rules.GRAD_SQ])),
+            "e_norm": rules.e_norm(r, packed[: rules.NUM_SUMS], cfg.eps),
+            "loss": float(packed[_LOSS_SUM]) / max(float(packed[_LOSS_COUNT]), 1.0),
+        }
+        self._partial.zero_()
+        return r
+
+    def descent_step(self, loss_perturbed: Optional[float] = None) -> dict[str, float]:
+        """Restore theta, refresh the snapshot, and take the base step with the gradient at theta + e.
+
+        ``loss_perturbed`` (this rank's loss at theta + e) is only reported."""
+        self.backend.restore()
+        if self.snapshot is not None:
+            self.snapshot.before_update(self.backend.local_params())
+        self.backend.step()
+        self.step_count += 1
+        self._started = False
+        metrics = {"step": float(self.step_count), **self._metrics}
+        if loss_perturbed is not None:
+            metrics["loss_perturbed"] = float(loss_perturbed)
+        return metrics
+
+    # -- internals ---------------------------------------------------------------------------
+    def _begin(self) -> None:
+        if not self._started:
+            self._started = True
+            if self.snapshot is not None:
+                self.snapshot.start(self.backend.local_params())
+
+    def _target_logits(self, batch: Any) -> Optional[Tensor]:
+        if self.noised is not None:
+            with torch.no_grad(), self.noised.active():
+                return split_output(self.forward_fn(self.backend.target_module, batch))[1]
+        if self.snapshot is not None and self.snapshot.has_history:
+            self.backend.load(self.snapshot.tensors)
+            with torch.no_grad():
+                logits = split_output(self.forward_fn(self.backend.target_module, batch))[1]
+            self.backend.restore()
+            return logits
+        return None
+
+    def _radius(self, packed: Tensor) -> float:
+        cfg = self.config
+        if cfg.target is None:
+            return cfg.radius
+        if self.snapshot is not None and not self.snapshot.has_history:
+            return cfg.radius_at_start
+        return divergence.radius(float(packed[_KL_SUM]), float(packed[_KL_COUNT]), cfg.scale, cfg.rho_max)
+
+
+def _input_embedding(module: nn.Module) -> nn.Module:
+    getter = getattr(module, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if embedding is None:
+        raise ValueError("target='noised_input' needs the model's input-embedding layer: the model has no "
+                         "get_input_embeddings(); pass embedding=<the nn.Module whose output gets the noise>")
+    return embedding
