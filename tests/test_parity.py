@@ -24,6 +24,11 @@ STACKS = [
       for o in ("orig", "flat")],
     ("fsdp2", ""),
     ("fsdp2", "hsdp"),
+    ("zero0", ""),
+    ("zero1", ""),
+    ("zero2", ""),
+    ("zero3", ""),
+    ("zero3", "default_threshold"),
 ]
 
 _reference_cache: dict = {}

@@ -121,7 +121,7 @@ class TRAM:
         """Restore theta, refresh the snapshot, and take the base step with the gradient at theta + e.
 
         ``loss_perturbed`` (this rank's loss at theta + e) is only reported."""
-        self.backend.restore()
+        self.backend.prepare_step()
         if self.snapshot is not None:
             self.snapshot.before_update(self.backend.local_params())
         self.backend.step()

@@ -83,9 +83,12 @@ class Backend:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def step(self) -> None:
-        """Restore theta, then the base optimizer step with the gradient taken at theta + e."""
+    def prepare_step(self) -> None:
+        """Make local_params() hold theta again before the update (and the snapshot refresh)."""
         self.restore()
+
+    def step(self) -> None:
+        """The base optimizer step with the gradient taken at theta + e."""
         self.optimizer.step()
         self.zero_grad()
 

@@ -1,0 +1,227 @@
+"""DeepSpeed ZeRO stages 0-3: TRAM drives the engine around its own optimizer.
+
+TRAM cannot be the engine's client optimizer (under ZeRO it would only see flat fp32 master
+partitions, never the bit16 weights the forward uses). Instead it reads each rank's pieces of
+theta (the fp32 masters) and of the reduced gradient, and writes theta + e into the low-precision
+tensors the next forward reads:
+
+| stage        | theta piece                  | write target             | after writing           |
+|--------------|------------------------------|--------------------------|-------------------------|
+| 0, fp32      | the parameter itself         | the parameter            | - (one copy kept)       |
+| 0, bf16      | optimizer.fp32_groups        | the bf16 parameter       | -                       |
+| 1, 2         | p._hp_mapping.hp_fragment    | p's local bit16 fragment | all-gather bit16 groups |
+| 3            | local fp32 master partition  | p.ds_tensor              | re-gather resident ones |
+
+Where an fp32 master exists it already holds theta, so no copy is kept and restore rewrites the
+write targets from the masters; engine.step() does the same after every applied update.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .base import Backend
+
+
+class DeepSpeedBackend(Backend):
+    """Engine plumbing common to every stage; subclasses list (theta, grad, write target) pieces."""
+
+    # True where engine.step() rewrites the write targets from fp32 masters after an update.
+    master_rewrites_on_step = True
+
+    def __init__(self, engine, group=None):
+        super().__init__(engine, engine.optimizer, group if group is not None else engine.data_parallel_group)
+        self.engine = engine
+        self.stage = engine.zero_optimization_stage()
+        self.name = f"zero{self.stage}"
+        self._loaded = False
+
+    @property
+    def forward_module(self) -> nn.Module:
+        return self.engine
+
+    @property
+    def target_module(self) -> nn.Module:
+        # The module itself: its ZeRO-3 hooks gather parameters; the engine's forward would add
+        # its own step bookkeeping for a pass that takes no gradient.
+        return self.engine.module
+
+    @property
+    def inner_module(self) -> nn.Module:
+        return self.engine.module
+
+    def validate(self) -> None:
+        if self.engine.gradient_accumulation_steps() != 1:
+            raise ValueError("gradient_accumulation_steps: tram_dist's DeepSpeed backend supports 1 "
+                             f"(got {self.engine.gradient_accumulation_steps()})")
+        if self.engine.fp16_enabled():
+            raise ValueError("fp16.enabled: fp16 loss scaling under DeepSpeed is not supported yet; "
+                             "use bf16 or fp32")
+
+    # -- the pieces --------------------------------------------------------------------------
+    def _pieces(self) -> list[tuple[Tensor, Optional[Tensor], Tensor]]:
+        """(theta, grad, write target) for each local piece, aligned element for element."""
+        raise NotImplementedError
+
+    def _sync(self) -> None:
+        """Make what was written into the write targets visible to the next forward."""
+
+    def local_params(self) -> list[Tensor]:
+        return [theta for theta, _, _ in self._pieces()]
+
+    def local_grads(self) -> list[Optional[Tensor]]:
+        return [g for _, g, _ in self._pieces()]
+
+    @torch.no_grad()
+    def load(self, values: Iterable[Tensor]) -> None:
+        for (_, _, target), value in zip(self._pieces(), values, strict=True):
+            target.copy_(value)
+        self._sync()
+        self._loaded = True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if not self._loaded:
+            return
+        for theta, _, target in self._pieces():
+            target.copy_(theta)
+        self._sync()
+        self._loaded = False
+
+    # -- training ------------------------------------------------------------------------------
+    def backward(self, loss: Tensor, num_micro: int) -> None:
+        self.engine.backward(loss)  # the engine scales by its own gradient_accumulation_steps
+
+    def zero_grad(self) -> None:
+        # engine.zero_grad() only drops p.grad; the partitioned gradients live in the optimizer.
+        self.engine.optimizer.zero_grad()
+
+    def prepare_step(self) -> None:
+        if not self.master_rewrites_on_step:
+            self.restore()
+
+    def step(self) -> None:
+        self.engine.step()
+        if self.engine.was_step_applied():
+            self._loaded = False  # the engine rewrote every write target from the masters
+        else:
+            self.restore()  # a skipped step leaves theta + e in the bit16 weights
+
+
+class Zero0Backend(DeepSpeedBackend):
+    """Stage 0: full parameters and full averaged gradients on every rank (DDP-like)."""
+
+    def __init__(self, engine, group=None):
+        super().__init__(engine, group)
+        self.norm_weight = 1.0 if self.rank == 0 else 0.0
+        opt = engine.optimizer
+        self._pairs = None
+        if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):  # bf16: FP16_UnfusedOptimizer
+            self._pairs = [(m, p) for ms, ps in zip(opt.fp32_groups, opt.fp16_groups) for m, p in zip(ms, ps)]
+        else:  # fp32: the client optimizer steps the parameters themselves; keep one copy
+            self.master_rewrites_on_step = False
+            self._params = [p for p in engine.module.parameters() if p.requires_grad]
+            self._saved: Optional[list[Tensor]] = None
+
+    def _pieces(self):
+        if self._pairs is not None:
+            return [(m.data, None if p.grad is None else p.grad, p.data) for m, p in self._pairs]
+        return [(p.data if self._saved is None else s, p.grad, p.data)
+                for p, s in zip(self._params, self._saved or [None] * len(self._params))]
+
+    @torch.no_grad()
+    def load(self, values: Iterable[Tensor]) -> None:
+        if self._pairs is None and self._saved is None:
+            self._saved = [p.detach().clone() for p in self._params]
+        super().load(values)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        super().restore()
+        if self._pairs is None:
+            self._saved = None
+
+
+class Zero12Backend(DeepSpeedBackend):
+    """Stages 1 and 2: bit16 weights replicated, fp32 masters and gradients partitioned.
+
+    Each parameter's local fragment is p._hp_mapping (None on a rank holding none of it). After
+    writing its fragments a rank all-gathers the bit16 partitions (DeepSpeed's own routine), so
+    every rank's replica holds theta + e; that is the one collective ZeRO-1/2 adds beyond the
+    packed all-reduce, P bit16 elements in all (see README).
+    """
+
+    def _groups(self):
+        opt = self.engine.optimizer
+        return opt.bit16_groups if hasattr(opt, "bit16_groups") else opt.bf16_groups
+
+    def _pieces(self):
+        pieces = []
+        for group in self._groups():
+            for p in group:
+                m = p._hp_mapping
+                if m is None:
+                    continue
+                start, numel = m.lp_fragment_address.start, m.lp_fragment_address.numel
+                g = m.get_lp_grad_fragment(p._index_in_param_group)
+                if g is not None:
+                    g = g.view(-1)
+                    if g.numel() != numel:  # BF16_Optimizer keeps full-size fp32 grads
+                        g = g.narrow(0, start, numel)
+                pieces.append((m.hp_fragment.data, g, p.data.view(-1).narrow(0, start, numel)))
+        return pieces
+
+    def _sync(self) -> None:
+        from deepspeed.runtime.utils import all_gather_dp_groups
+
+        opt = self.engine.optimizer
+        flat = opt.bit16_groups_flat if hasattr(opt, "bit16_groups_flat") else opt.bf16_groups_flat
+        parts = (opt.parallel_partitioned_bit16_groups if hasattr(opt, "parallel_partitioned_bit16_groups")
+                 else opt.bf16_partitioned_groups)
+        all_gather_dp_groups(groups_flat=flat, partitioned_param_groups=parts,
+                             dp_process_group=opt.real_dp_process_group,
+                             start_alignment_factor=opt.nccl_start_alignment_factor,
+                             allgather_bucket_size=opt.allgather_bucket_size)
+
+
+class Zero3Backend(DeepSpeedBackend):
+    """Stage 3: p.ds_tensor is this rank's padded partition in model dtype; the fp32 master and
+    gradient partitions have the same layout. Only the real (unpadded) prefix is used: the
+    padding of theta is uninitialised memory.
+
+    Parameters below stage3_param_persistence_threshold stay resident after the first step and
+    the forward reads p.data without gathering; they are found by residency
+    (p.data.numel() == p.ds_numel), released and re-gathered in one all-gather after a write.
+    """
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    def _pieces(self):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+        pieces = []
+        for p in self._params():
+            part = p.ds_tensor.numel()
+            n = max(0, min(p.ds_numel - self.rank * part, part))
+            g = safe_get_local_grad(p)
+            pieces.append((safe_get_local_fp32_param(p).data.view(-1)[:n],
+                           None if g is None else g.view(-1)[:n],
+                           p.ds_tensor.data.view(-1)[:n]))
+        return pieces
+
+    def _sync(self) -> None:
+        resident = [p for p in self._params() if p.data.numel() == p.ds_numel]
+        for p in resident:
+            p.partition()
+        if resident:
+            resident[0].all_gather(resident)
+
+
+def make_deepspeed_backend(engine, group=None) -> DeepSpeedBackend:
+    stage = engine.zero_optimization_stage()
+    cls = {0: Zero0Backend, 1: Zero12Backend, 2: Zero12Backend, 3: Zero3Backend}[stage]
+    return cls(engine, group)
