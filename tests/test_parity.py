@@ -12,10 +12,12 @@ import torch
 
 from launcher import torchrun
 from reference import reference_run
-from tiny import METHODS, make_batches, make_model
+from tiny import LR, METHODS, make_batches, make_model
+
+from tram_dist import TRAM, TRAMConfig
 
 STEPS = 3
-PARITY_METHODS = ("sam", "asam", "tram_noised", "tram_previous")
+PARITY_METHODS = tuple(METHODS)  # sam, asam, fisher, and TRAM with each target
 FP32_TOL = 1e-6
 
 STACKS = [
@@ -34,10 +36,11 @@ STACKS = [
 _reference_cache: dict = {}
 
 
-def reference(method: str):
-    if method not in _reference_cache:
-        _reference_cache[method] = reference_run(METHODS[method], STEPS)
-    return _reference_cache[method]
+def reference(method: str, world: int = 2):
+    key = (method, world)
+    if key not in _reference_cache:
+        _reference_cache[key] = reference_run(METHODS[method], STEPS, world=world)
+    return _reference_cache[key]
 
 
 def assert_plain_grads(results: list[dict], tol: float) -> None:
@@ -63,6 +66,19 @@ def assert_matches_reference(results: list[dict], methods, tol: float) -> None:
             for step, (m, r) in enumerate(zip(got["metrics"], ref_metrics)):
                 for key in ("d", "loss", "grad_norm"):
                     assert m[key] == pytest.approx(r[key], rel=1e-5, abs=tol), f"{method} step {step} {key}"
+
+
+@pytest.mark.parametrize("method", PARITY_METHODS)
+def test_local_parity(method):
+    """One process, the local backend, on the full batch: the wrapper against the reference."""
+    model = make_model(0)
+    tram = TRAM(model, torch.optim.AdamW(model.parameters(), lr=LR), TRAMConfig(**METHODS[method]))
+    metrics = [tram.step(b) for b in make_batches(STEPS)]
+    ref_state, ref_metrics = reference(method, world=1)
+    for name, p in model.named_parameters():
+        assert (p.detach() - ref_state[name]).abs().max().item() <= FP32_TOL, name
+    for m, r in zip(metrics, ref_metrics):
+        assert m["d"] == pytest.approx(r["d"], rel=1e-5, abs=FP32_TOL)
 
 
 @pytest.mark.parametrize("stack,variant", STACKS, ids=[f"{s}-{v}" if v else s for s, v in STACKS])
