@@ -32,8 +32,10 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
         with stacks.CollectiveCounter() as counter:
             m = tram.step(local if args.micro > 1 else local[0])
         metrics.append(m)
-        counts.append(counter.counts)
-    return {"state": stacks.full_state(args.stack, wrapped), "metrics": metrics, "collectives": counts}
+        counts.append({"counts": counter.counts, "elements": counter.elements})
+    pieces = tram.backend.local_params()
+    return {"state": stacks.full_state(args.stack, wrapped), "metrics": metrics, "collectives": counts,
+            "local_numels": [t.numel() for t in pieces]}
 
 
 def check_grads(args, rank: int, world: int) -> dict:
@@ -46,6 +48,21 @@ def check_grads(args, rank: int, world: int) -> dict:
     else:
         loss.backward()
     return stacks.plain_grads(args.stack, wrapped)
+
+
+def baseline_counts(args, rank: int, world: int) -> dict:
+    """Collectives of a plain two-pass step and of one no-grad forward, in steady state."""
+    model = make_model(0)
+    wrapped, optimizer = stacks.wrap(args.stack, args.variant, model, LR, args.dtype)
+    batches = [shard(b, rank, world) for b in make_batches(3)]
+    for b in batches[:2]:
+        stacks.two_pass_step(args.stack, wrapped, optimizer, b)
+    with stacks.CollectiveCounter() as two_pass:
+        stacks.two_pass_step(args.stack, wrapped, optimizer, batches[2])
+    inner = wrapped.module if args.stack.startswith("zero") or args.stack == "ddp" else wrapped
+    with stacks.CollectiveCounter() as fwd, torch.no_grad():
+        inner(**batches[2])
+    return {"two_pass": two_pass.counts, "two_pass_elements": two_pass.elements, "forward": fwd.counts}
 
 
 def main() -> None:
@@ -61,7 +78,7 @@ def main() -> None:
     args = p.parse_args()
     stacks.init_distributed(args.stack)
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = {"plain_grads": check_grads(args, rank, world)}
+    results = {"plain_grads": check_grads(args, rank, world), "baseline": baseline_counts(args, rank, world)}
     results.update({name: run_method(args, name, rank, world) for name in args.methods.split(",")})
     torch.save(results, os.path.join(args.out, f"rank{rank}.pt"))
     dist.barrier()

@@ -171,9 +171,35 @@ class CollectiveCounter:
 
     def __exit__(self, *exc):
         self._prof.__exit__(*exc)
-        counts = collections.Counter()
+        counts, elements = collections.Counter(), collections.Counter()
         for ev in self._prof.events():
             if ev.name.startswith("c10d::"):
                 counts[ev.name] += 1
-        self.counts = dict(counts)
+                sizes = [_numel(s) for s in ev.input_shapes if s]  # empty for all-reduce lists
+                elements[ev.name] += max(sizes, default=0)
+        self.counts, self.elements = dict(counts), dict(elements)
         return False
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def two_pass_step(stack: str, wrapped, optimizer, batch) -> None:
+    """What any two-pass method must do: fwd+bwd, zero grads, fwd+bwd, step (no TRAM)."""
+    for pass_index in range(2):
+        loss, _ = wrapped(**batch)
+        if stack.startswith("zero"):
+            wrapped.backward(loss)
+        else:
+            loss.backward()
+        if pass_index == 0:
+            (wrapped.optimizer if stack.startswith("zero") else optimizer).zero_grad()
+    if stack.startswith("zero"):
+        wrapped.step()
+    else:
+        optimizer.step()
+        optimizer.zero_grad()
