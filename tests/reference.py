@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tiny import GLOBAL_BATCH, HIDDEN, LR, SEQ, make_batches, make_model
+from tiny import GLOBAL_BATCH, HIDDEN, LR, SEQ, SGD_LR, make_batches, make_model
 
 EPS = 1e-12
 
@@ -43,8 +43,11 @@ def _e(geometry, thetas, grads, r, eta, eta_f):
     return [r * (g / f) / (norm + EPS) for f, g in zip(fs, grads)]
 
 
-def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1):
-    """Train `steps` TRAM steps on the full batch. Returns (state_dict, per-step metrics)."""
+def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, optim: str = "adamw",
+                  bf16_init: bool = False):
+    """Train `steps` TRAM steps on the full batch. Returns (state_dict, per-step metrics).
+
+    bf16_init starts from bf16-rounded weights, as DeepSpeed's fp32 masters do under bf16."""
     geometry = method.get("geometry", "asam")
     target = method.get("target", "noised_input")
     rho = method.get("rho")
@@ -53,8 +56,12 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1):
     sigma, direction = method.get("sigma", 0.1), method.get("divergence", "forward")
     decay, seed = method.get("ema_decay", 0.99), method.get("seed", 0)
     model = make_model(0)
+    if bf16_init:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
     params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=LR)
+    opt = torch.optim.AdamW(params, lr=LR) if optim == "adamw" else torch.optim.SGD(params, lr=SGD_LR)
     gens = [torch.Generator().manual_seed(seed + r) for r in range(world)]
     snapshot = [p.detach().clone() for p in params] if target in ("initial", "ema") else None
     metrics = []

@@ -28,23 +28,27 @@ def init_distributed(stack: str) -> None:
         dist.init_process_group("gloo")
 
 
-def wrap(stack: str, variant: str, model: nn.Module, lr: float, dtype: str = "fp32"):
+def make_optimizer(params, lr: float, optim: str = "adamw"):
+    return torch.optim.AdamW(params, lr=lr) if optim == "adamw" else torch.optim.SGD(params, lr=lr)
+
+
+def wrap(stack: str, variant: str, model: nn.Module, lr: float, dtype: str = "fp32", optim: str = "adamw"):
     """(wrapped model or engine, base optimizer or None) for one stack and variant."""
     if stack == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model)
-        return ddp, torch.optim.AdamW(ddp.parameters(), lr=lr)
+        return ddp, make_optimizer(ddp.parameters(), lr, optim)
     if stack == "fsdp1":
-        return _fsdp1(model, variant, lr)
+        return _fsdp1(model, variant, lr, optim)
     if stack == "fsdp2":
-        return _fsdp2(model, variant, lr, dtype)
+        return _fsdp2(model, variant, lr, dtype, optim)
     if stack.startswith("zero"):
-        return _deepspeed(model, int(stack[-1]), variant, lr, dtype), None
+        return _deepspeed(model, int(stack[-1]), variant, lr, dtype, optim), None
     raise ValueError(stack)
 
 
-def _fsdp1(model, variant, lr):
+def _fsdp1(model, variant, lr, optim):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 
@@ -58,10 +62,10 @@ def _fsdp1(model, variant, lr):
         kwargs["device_mesh"] = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
     model.fc1 = FSDP(model.fc1, **kwargs)
     fsdp = FSDP(model, **kwargs)
-    return fsdp, torch.optim.AdamW(fsdp.parameters(), lr=lr)
+    return fsdp, make_optimizer(fsdp.parameters(), lr, optim)
 
 
-def _fsdp2(model, variant, lr, dtype):
+def _fsdp2(model, variant, lr, dtype, optim):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -72,10 +76,10 @@ def _fsdp2(model, variant, lr, dtype):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16" else MixedPrecisionPolicy()
     fully_shard(model.fc1, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model, torch.optim.AdamW(model.parameters(), lr=lr)
+    return model, make_optimizer(model.parameters(), lr, optim)
 
 
-def _deepspeed(model, stage, variant, lr, dtype):
+def _deepspeed(model, stage, variant, lr, dtype, optim):
     import deepspeed
 
     cfg = {
@@ -88,7 +92,7 @@ def _deepspeed(model, stage, variant, lr, dtype):
     }
     if stage == 3 and variant != "default_threshold":
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = make_optimizer(model.parameters(), lr, optim)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
     return engine
 
@@ -149,11 +153,13 @@ def full_state(stack: str, wrapped) -> dict:
     if stack == "fsdp2":
         return {n: p.full_tensor().detach().clone() for n, p in wrapped.named_parameters()}
     if stack.startswith("zero"):
-        import deepspeed
+        # The fp32 masters (a collective per parameter, in the same order on every rank), not
+        # the bf16 weights the forward uses, which are rounded to 8 bits of mantissa.
+        from deepspeed.utils import safe_get_full_fp32_param
 
-        params = list(wrapped.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
-            return {n: p.detach().float().clone() for n, p in wrapped.module.named_parameters()}
+        if wrapped.zero_optimization_stage() == 0 and not wrapped.bfloat16_enabled():
+            return {n: p.detach().clone() for n, p in wrapped.module.named_parameters()}  # no masters
+        return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in wrapped.module.named_parameters()}
     raise ValueError(stack)
 
 

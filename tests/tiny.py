@@ -8,13 +8,14 @@ from torch import nn
 VOCAB, HIDDEN, WIDTH, CLASSES, SEQ = 32, 8, 16, 3, 5
 GLOBAL_BATCH = 8
 LR = 1e-2
+SGD_LR = 0.5  # bf16 runs use SGD: its update is linear in the gradient, so errors do not amplify
 
 # Each method: the TRAMConfig fields it sets. Scales and sigmas make e large enough to matter.
 METHODS = {
     "sam": dict(geometry="sam", target=None, rho=0.05),
     "asam": dict(geometry="asam", target=None, rho=0.5, eta=0.01),
     "fisher": dict(geometry="fisher", target=None, rho=0.1, eta_f=0.1),
-    "tram_noised": dict(geometry="asam", target="noised_input", eta=0.0, sigma=0.5, scale=10.0, seed=7),
+    "tram_noised": dict(geometry="asam", target="noised_input", eta=0.0, sigma=0.5, scale=100.0, seed=7),
     "tram_previous": dict(geometry="asam", target="previous", eta=0.0, scale=100.0, radius_at_start=0.2),
     "tram_initial": dict(geometry="sam", target="initial", scale=100.0, rho_max=0.3),
     "tram_ema": dict(geometry="fisher", target="ema", scale=100.0, ema_decay=0.5, divergence="symmetric"),

@@ -59,6 +59,7 @@ class TRAM:
         """One TRAM step over ``batches`` (one batch, or a list of micro-batches); returns metrics."""
         micro = list(batches) if isinstance(batches, list) else [batches]
         n = len(micro)
+        self.backend.check_micro_batches(n)
         for batch in micro:
             loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
             self.backend.backward(loss, n)

@@ -95,6 +95,9 @@ class Backend:
     def validate(self) -> None:
         """Raise ValueError for a stack configuration TRAM cannot serve, before any collective."""
 
+    def check_micro_batches(self, num_micro: int) -> None:
+        """Raise ValueError, before any forward, when a step's micro-batch count cannot be served."""
+
 
 class TensorBackend(Backend):
     """Stacks whose forward reads the very tensors that hold theta (local, DDP, FSDP1, FSDP2).

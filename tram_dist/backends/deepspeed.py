@@ -61,9 +61,19 @@ class DeepSpeedBackend(Backend):
             raise ValueError("fp16.enabled: fp16 loss scaling under DeepSpeed is not supported yet; "
                              "use bf16 or fp32")
 
+    def check_micro_batches(self, num_micro: int) -> None:
+        # The engine's own gradient_accumulation_steps decides the boundary; it is 1 here, and
+        # each engine.backward is then a boundary of its own (gradients would not average).
+        gas = self.engine.gradient_accumulation_steps()
+        if num_micro != gas:
+            raise ValueError(f"tram.step got {num_micro} micro-batches but the DeepSpeed config has "
+                             f"gradient_accumulation_steps={gas}: pass one batch per step")
+
     # -- the pieces --------------------------------------------------------------------------
-    def _pieces(self) -> list[tuple[Tensor, Optional[Tensor], Tensor]]:
-        """(theta, grad, write target) for each local piece, aligned element for element."""
+    def _pieces(self, grads: bool = False) -> list[tuple[Tensor, Optional[Tensor], Tensor]]:
+        """(theta, grad, write target) for each local piece, aligned element for element.
+
+        The grad is read only when asked: DeepSpeed allows it only between backward and step."""
         raise NotImplementedError
 
     def _sync(self) -> None:
@@ -73,7 +83,7 @@ class DeepSpeedBackend(Backend):
         return [theta for theta, _, _ in self._pieces()]
 
     def local_grads(self) -> list[Optional[Tensor]]:
-        return [g for _, g, _ in self._pieces()]
+        return [g for _, g, _ in self._pieces(grads=True)]
 
     @torch.no_grad()
     def load(self, values: Iterable[Tensor]) -> None:
@@ -126,10 +136,10 @@ class Zero0Backend(DeepSpeedBackend):
             self._params = [p for p in engine.module.parameters() if p.requires_grad]
             self._saved: Optional[list[Tensor]] = None
 
-    def _pieces(self):
+    def _pieces(self, grads: bool = False):
         if self._pairs is not None:
-            return [(m.data, None if p.grad is None else p.grad, p.data) for m, p in self._pairs]
-        return [(p.data if self._saved is None else s, p.grad, p.data)
+            return [(m.data, p.grad if grads else None, p.data) for m, p in self._pairs]
+        return [(p.data if self._saved is None else s, p.grad if grads else None, p.data)
                 for p, s in zip(self._params, self._saved or [None] * len(self._params))]
 
     @torch.no_grad()
@@ -158,7 +168,7 @@ class Zero12Backend(DeepSpeedBackend):
         opt = self.engine.optimizer
         return opt.bit16_groups if hasattr(opt, "bit16_groups") else opt.bf16_groups
 
-    def _pieces(self):
+    def _pieces(self, grads: bool = False):
         pieces = []
         for group in self._groups():
             for p in group:
@@ -166,7 +176,7 @@ class Zero12Backend(DeepSpeedBackend):
                 if m is None:
                     continue
                 start, numel = m.lp_fragment_address.start, m.lp_fragment_address.numel
-                g = m.get_lp_grad_fragment(p._index_in_param_group)
+                g = m.get_lp_grad_fragment(p._index_in_param_group) if grads else None
                 if g is not None:
                     g = g.view(-1)
                     if g.numel() != numel:  # BF16_Optimizer keeps full-size fp32 grads
@@ -200,14 +210,14 @@ class Zero3Backend(DeepSpeedBackend):
     def _params(self) -> list[nn.Parameter]:
         return [p for p in self.engine.module.parameters() if p.requires_grad]
 
-    def _pieces(self):
+    def _pieces(self, grads: bool = False):
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 
         pieces = []
         for p in self._params():
             part = p.ds_tensor.numel()
             n = max(0, min(p.ds_numel - self.rank * part, part))
-            g = safe_get_local_grad(p)
+            g = safe_get_local_grad(p) if grads else None
             pieces.append((safe_get_local_fp32_param(p).data.view(-1)[:n],
                            None if g is None else g.view(-1)[:n],
                            p.ds_tensor.data.view(-1)[:n]))
