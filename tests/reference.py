@@ -64,10 +64,19 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
     opt = torch.optim.AdamW(params, lr=LR) if optim == "adamw" else torch.optim.SGD(params, lr=SGD_LR)
     gens = [torch.Generator().manual_seed(seed + r) for r in range(world)]
     snapshot = [p.detach().clone() for p in params] if target in ("initial", "ema") else None
+    noised_pass = method.get("noised_pass", False)  # TRAM-Fisher
+    lagged_kl = None
     metrics = []
+    n = GLOBAL_BATCH // world // micro
+
+    def draw_noise():
+        return torch.cat([torch.randn((n, SEQ, HIDDEN), generator=gens[rk]) * sigma
+                          for rk in range(world) for _ in range(micro)])
+
     for batch in make_batches(steps):
         ids, labels = batch["input_ids"], batch["labels"]
-        clean = _logits(model, ids)
+        pass1_noise = draw_noise() if noised_pass else None
+        clean = _logits(model, ids, pass1_noise)  # TRAM-Fisher's pass 1 runs on noised input
         loss = F.cross_entropy(clean, labels)
         loss.backward()
         grads = [p.grad.detach().clone() for p in params]
@@ -75,11 +84,10 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
         with torch.no_grad():
             if target is None:
                 r = rho
+            elif noised_pass:  # the KL measured after the previous step's pass 2
+                r = method.get("radius_at_start", 0.0) if lagged_kl is None else scale * lagged_kl
             elif target == "noised_input":
-                n = GLOBAL_BATCH // world // micro
-                z = torch.cat([torch.randn((n, SEQ, HIDDEN), generator=gens[rk]) * sigma
-                               for rk in range(world) for _ in range(micro)])
-                r = scale * _kl_per_example(clean.detach(), _logits(model, ids, z), direction).mean().item()
+                r = scale * _kl_per_example(clean.detach(), _logits(model, ids, draw_noise()), direction).mean().item()
             elif snapshot is None:  # "previous" at step 0: no history yet
                 r = method.get("radius_at_start", 0.0)
             else:
@@ -95,8 +103,11 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
             for p, th, e in zip(params, thetas, es):
                 p.copy_(th + e)
         opt.zero_grad()
-        loss_perturbed = F.cross_entropy(_logits(model, ids), labels)
+        perturbed_logits = _logits(model, ids)
+        loss_perturbed = F.cross_entropy(perturbed_logits, labels)
         loss_perturbed.backward()
+        if noised_pass:  # KL(p(x+z; theta) || p(x; theta+e)), used at the next step
+            lagged_kl = _kl_per_example(perturbed_logits.detach(), clean.detach(), direction).mean().item()
         with torch.no_grad():
             for p, th in zip(params, thetas):
                 p.copy_(th)

@@ -153,6 +153,14 @@ def test_config_errors_name_the_field_and_the_allowed_values(field, value, allow
     assert f"TRAMConfig.{field}" in str(err.value) and allowed in str(err.value)
 
 
+def test_tram_fisher_needs_the_fisher_geometry_and_the_noised_target():
+    with pytest.raises(ValueError, match="noised_pass"):
+        TRAMConfig(geometry="asam", target="noised_input", noised_pass=True)
+    with pytest.raises(ValueError, match="noised_pass"):
+        TRAMConfig(geometry="fisher", target="previous", noised_pass=True)
+    TRAMConfig(geometry="fisher", target="noised_input", noised_pass=True)
+
+
 def test_config_round_trips_and_rejects_unknown_keys():
     cfg = TRAMConfig(geometry="sam", target="ema", rho_max=0.2)
     assert TRAMConfig.from_dict(cfg.to_dict()) == cfg

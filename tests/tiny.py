@@ -18,6 +18,8 @@ METHODS = {
     "tram_noised": dict(geometry="asam", target="noised_input", eta=0.0, sigma=0.5, scale=100.0, seed=7),
     "tram_previous": dict(geometry="asam", target="previous", eta=0.0, scale=100.0, radius_at_start=0.2),
     "tram_initial": dict(geometry="sam", target="initial", scale=100.0, rho_max=0.3),
+    "tram_fisher": dict(geometry="fisher", target="noised_input", noised_pass=True, sigma=0.5, scale=100.0,
+                        radius_at_start=0.1, seed=3),
     "tram_ema": dict(geometry="fisher", target="ema", scale=100.0, ema_decay=0.5, divergence="symmetric"),
 }
 

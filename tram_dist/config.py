@@ -51,6 +51,11 @@ class TRAMConfig:
     """Decay of the "ema" target: ema <- decay * ema + (1 - decay) * theta before each update."""
     seed: int = 0
     """Seed of the noise generator; rank r draws from its own generator seeded seed + r."""
+    noised_pass: bool = False
+    """TRAM-Fisher (2 forwards, 2 backwards; needs geometry "fisher" and target "noised_input"):
+    pass 1 runs on noised input embeddings and its gradient gives the direction and the Fisher
+    diagonal; the radius is KL(p(x+z; theta) || p(x; theta+e)) on the same batch, measured after
+    pass 2 and used at the next step (radius_at_start at step 0). No separate target forward."""
     mode: str = "global"
     """"global": one perturbation per optimizer step over all micro-batches."""
     eps: float = 1e-12
@@ -82,6 +87,11 @@ class TRAMConfig:
         if self.rho_max is not None:
             _number("rho_max", self.rho_max, low=0.0)
         _number("ema_decay", self.ema_decay, low=0.0, high=1.0, open_interval=True)
+        if not isinstance(self.noised_pass, bool):
+            raise ValueError(f"TRAMConfig.noised_pass must be True or False, got {self.noised_pass!r}")
+        if self.noised_pass and (self.geometry != "fisher" or self.target != "noised_input"):
+            raise ValueError("TRAMConfig.noised_pass=True (TRAM-Fisher) needs geometry='fisher' and "
+                             f"target='noised_input', got geometry={self.geometry!r}, target={self.target!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"TRAMConfig.seed must be an int, got {self.seed!r}")
 

@@ -1,6 +1,7 @@
 """TRAM: a sharding-aware SAM-family optimizer wrapper whose radius is a trust-region divergence."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -53,6 +54,7 @@ class TRAM:
         self._partial = torch.zeros(4, dtype=torch.float64)
         self._started = False
         self._metrics: dict[str, float] = {}
+        self._held: list[tuple[Tensor, Optional[Tensor]]] = []  # TRAM-Fisher's pass-1 logits
 
     # -- the one-call step ------------------------------------------------------------------
     def step(self, batches: Any) -> dict[str, float]:
@@ -61,18 +63,34 @@ class TRAM:
         n = len(micro)
         self.backend.check_micro_batches(n)
         for batch in micro:
-            loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
+            with self.first_pass():
+                loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
             self.backend.backward(loss, n)
             self.observe(batch, logits, mask, loss)
         self.ascent_step()
         perturbed = 0.0
         for batch in micro:
-            loss, _, _ = split_output(self.forward_fn(self.backend.forward_module, batch))
+            loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
             self.backend.backward(loss, n)
+            self.observe_perturbed(logits, mask)
             perturbed += float(loss.detach()) / n
         return self.descent_step(loss_perturbed=perturbed)
 
     # -- the explicit calls -----------------------------------------------------------------
+    def first_pass(self):
+        """Context for each pass-1 forward: noised input embeddings for TRAM-Fisher, else nothing."""
+        return self.noised.active() if self.config.noised_pass else contextlib.nullcontext()
+
+    def observe_perturbed(self, logits: Tensor, mask: Optional[Tensor] = None) -> None:
+        """TRAM-Fisher only (a no-op otherwise): after each pass-2 forward, in micro-batch order,
+        the local KL(p(x+z; theta) || p(x; theta+e)) that the next step's radius is made of."""
+        if not self.config.noised_pass:
+            return
+        target, target_mask = self._held.pop(0)
+        kl_sum, count = divergence.kl_sum_count(logits, target, self.config.divergence, target_mask)
+        self._partial[0] += float(kl_sum)
+        self._partial[1] += float(count)
+
     def observe(self, batch: Any, logits: Tensor, mask: Optional[Tensor] = None,
                 loss: Optional[Tensor] = None) -> None:
         """Record one pass-1 micro-batch: its loss, and the target forward's local KL sum/count.
@@ -84,6 +102,9 @@ class TRAM:
         if loss is not None:
             self._partial[2] += float(loss.detach())
             self._partial[3] += 1
+        if self.config.noised_pass:  # pass 1 ran on noised inputs: its logits are the target
+            self._held.append((logits.detach(), mask))
+            return
         target = self._target_logits(batch)
         if target is None:
             return
@@ -115,6 +136,7 @@ class TRAM:
             "e_norm": rules.e_norm(r, packed[: rules.NUM_SUMS], cfg.eps),
             "loss": float(packed[_LOSS_SUM]) / max(float(packed[_LOSS_COUNT]), 1.0),
         }
+        # Pass 2 of TRAM-Fisher adds the next step's KL from here on.
         self._partial.zero_()
         return r
 
@@ -157,6 +179,8 @@ class TRAM:
         if cfg.target is None:
             return cfg.radius
         if self.snapshot is not None and not self.snapshot.has_history:
+            return cfg.radius_at_start
+        if cfg.noised_pass and self.step_count == 0:  # TRAM-Fisher measures its KL one step late
             return cfg.radius_at_start
         return divergence.radius(float(packed[_KL_SUM]), float(packed[_KL_COUNT]), cfg.scale, cfg.rho_max)
 
