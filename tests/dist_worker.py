@@ -31,12 +31,31 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
     for step, batch in enumerate(make_batches(args.steps)):
         local = micro_batches(shard(batch, rank, world), args.micro)
         with stacks.CollectiveCounter() as counter:
-            m = tram.step(local if args.micro > 1 else local[0])
+            if args.explicit:
+                m = explicit_step(tram, wrapped, local[0])
+            else:
+                m = tram.step(local if args.micro > 1 else local[0])
         metrics.append(m)
         counts.append({"counts": counter.counts, "elements": counter.elements})
     pieces = tram.backend.local_params()
+    snapshot = tram.snapshot.tensors if tram.snapshot is not None else None
     return {"state": stacks.full_state(args.stack, wrapped), "metrics": metrics, "collectives": counts,
-            "local_numels": [t.numel() for t in pieces]}
+            "local_numels": [t.numel() for t in pieces],
+            "snapshot_numels": None if snapshot is None else [t.numel() for t in snapshot]}
+
+
+def explicit_step(tram: TRAM, engine, batch: dict) -> dict:
+    """The explicit calls around a second pass the user runs, as where the step lives inside
+    backward (here a DeepSpeed engine driven by hand)."""
+    with tram.first_pass():
+        loss, logits = engine(**batch)
+    engine.backward(loss)
+    tram.observe(batch, logits, loss=loss)
+    tram.ascent_step()
+    loss2, logits2 = engine(**batch)
+    engine.backward(loss2)
+    tram.observe_perturbed(logits2)
+    return tram.descent_step(loss_perturbed=float(loss2))
 
 
 def check_grads(args, rank: int, world: int) -> dict:
@@ -75,6 +94,7 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=1)
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--optim", default="adamw", choices=["adamw", "sgd"])
+    p.add_argument("--explicit", action="store_true", help="drive the step with the explicit calls")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = p.parse_args()

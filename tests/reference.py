@@ -44,7 +44,7 @@ def _e(geometry, thetas, grads, r, eta, eta_f):
 
 
 def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, optim: str = "adamw",
-                  bf16_init: bool = False):
+                  bf16_init: bool = False, clip: float = 0.0):
     """Train `steps` TRAM steps on the full batch. Returns (state_dict, per-step metrics).
 
     bf16_init starts from bf16-rounded weights, as DeepSpeed's fp32 masters do under bf16."""
@@ -115,6 +115,11 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
                 snapshot = [th.clone() for th in thetas]
             elif target == "ema":
                 snapshot = [decay * s + (1 - decay) * th for s, th in zip(snapshot, thetas)]
+            if clip > 0:  # clip the descent gradient g' to a global norm of at most `clip`
+                norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+                factor = min(1.0, clip / (norm.item() + 1e-6))
+                for p in params:
+                    p.grad.mul_(factor)
         opt.step()
         opt.zero_grad()
         metrics.append({"d": r, "loss": loss.item(),

@@ -177,3 +177,20 @@ def test_noised_input_without_embedding_layer_is_a_clear_error():
 def test_missing_optimizer_is_a_clear_error():
     with pytest.raises(ValueError, match="optimizer"):
         TRAM(_Toy(), None, TRAMConfig())
+
+
+def test_uniform_noise_is_bounded_by_sigma_and_seeded_per_rank():
+    from tram_dist.targets import NoisedInput
+
+    emb = torch.nn.Embedding(10, 4)
+    ids = torch.arange(10).view(2, 5)
+    clean = emb(ids).detach()
+    outs = []
+    for rank in (0, 0, 1):
+        noised = NoisedInput(emb, sigma=0.2, noise="uniform", seed=5, rank=rank)
+        with noised.active():
+            outs.append(emb(ids).detach() - clean)
+        assert torch.equal(emb(ids).detach(), clean)  # off outside the context
+        noised.remove()
+    assert outs[0].abs().max() <= 0.2 and outs[0].abs().max() > 0.1
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
