@@ -25,7 +25,7 @@ from tram_dist import TRAM, TRAMConfig  # noqa: E402
 def run_method(args, name: str, rank: int, world: int) -> dict:
     model = make_model(0)
     lr = LR if args.optim == "adamw" else SGD_LR
-    wrapped, optimizer = stacks.wrap(args.stack, args.variant, model, lr, args.dtype, args.optim)
+    wrapped, optimizer = stacks.wrap(args.stack, args.variant, model, lr, args.dtype, args.optim, args.micro)
     tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[name]))
     metrics, counts = [], []
     for step, batch in enumerate(make_batches(args.steps)):

@@ -35,7 +35,8 @@ def make_optimizer(params, lr: float, optim: str = "adamw"):
     return torch.optim.AdamW(params, lr=lr) if optim == "adamw" else torch.optim.SGD(params, lr=lr)
 
 
-def wrap(stack: str, variant: str, model: nn.Module, lr: float, dtype: str = "fp32", optim: str = "adamw"):
+def wrap(stack: str, variant: str, model: nn.Module, lr: float, dtype: str = "fp32", optim: str = "adamw",
+         micro: int = 1):
     """(wrapped model or engine, base optimizer or None) for one stack and variant."""
     if stack == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -47,7 +48,7 @@ def wrap(stack: str, variant: str, model: nn.Module, lr: float, dtype: str = "fp
     if stack == "fsdp2":
         return _fsdp2(model, variant, lr, dtype, optim)
     if stack.startswith("zero"):
-        return _deepspeed(model, int(stack[-1]), variant, lr, dtype, optim), None
+        return _deepspeed(model, int(stack[-1]), variant, lr, dtype, optim, micro), None
     raise ValueError(stack)
 
 
@@ -82,12 +83,12 @@ def _fsdp2(model, variant, lr, dtype, optim):
     return model, make_optimizer(model.parameters(), lr, optim)
 
 
-def _deepspeed(model, stage, variant, lr, dtype, optim):
+def _deepspeed(model, stage, variant, lr, dtype, optim, micro=1):
     import deepspeed
 
     cfg = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": 4 // micro,
+        "gradient_accumulation_steps": micro,
         "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage},

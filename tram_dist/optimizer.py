@@ -62,16 +62,18 @@ class TRAM:
         micro = list(batches) if isinstance(batches, list) else [batches]
         n = len(micro)
         self.backend.check_micro_batches(n)
-        for batch in micro:
-            with self.first_pass():
-                loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
-            self.backend.backward(loss, n)
+        for i, batch in enumerate(micro):
+            with self.backend.micro_batch(i, n):
+                with self.first_pass():
+                    loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
+                self.backend.backward(loss, n)
             self.observe(batch, logits, mask, loss)
         self.ascent_step()
         perturbed = 0.0
-        for batch in micro:
-            loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
-            self.backend.backward(loss, n)
+        for i, batch in enumerate(micro):
+            with self.backend.micro_batch(i, n):
+                loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
+                self.backend.backward(loss, n)
             self.observe_perturbed(logits, mask)
             perturbed += float(loss.detach()) / n
         return self.descent_step(loss_perturbed=perturbed)

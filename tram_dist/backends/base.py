@@ -7,6 +7,7 @@ packed all-reduce of a step. No other module of tram_dist branches on the stack.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
@@ -97,6 +98,11 @@ class Backend:
 
     def check_micro_batches(self, num_micro: int) -> None:
         """Raise ValueError, before any forward, when a step's micro-batch count cannot be served."""
+
+    def micro_batch(self, index: int, num_micro: int):
+        """Context around the forward and backward of micro-batch ``index`` of ``num_micro`` in one
+        pass: where gradient reduction can wait for the last one, it waits."""
+        return contextlib.nullcontext()
 
 
 class TensorBackend(Backend):

@@ -17,6 +17,7 @@ write targets from the masters; engine.step() does the same after every applied 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
@@ -54,20 +55,24 @@ class DeepSpeedBackend(Backend):
         return self.engine.module
 
     def validate(self) -> None:
-        if self.engine.gradient_accumulation_steps() != 1:
-            raise ValueError("gradient_accumulation_steps: tram_dist's DeepSpeed backend supports 1 "
-                             f"(got {self.engine.gradient_accumulation_steps()})")
         if self.engine.fp16_enabled():
             raise ValueError("fp16.enabled: fp16 loss scaling under DeepSpeed is not supported yet; "
                              "use bf16 or fp32")
 
     def check_micro_batches(self, num_micro: int) -> None:
-        # The engine's own gradient_accumulation_steps decides the boundary; it is 1 here, and
-        # each engine.backward is then a boundary of its own (gradients would not average).
+        # One TRAM step is one DeepSpeed optimizer step: it takes exactly the engine's
+        # gradient_accumulation_steps micro-batches (the engine scales each loss by 1/gas).
         gas = self.engine.gradient_accumulation_steps()
         if num_micro != gas:
-            raise ValueError(f"tram.step got {num_micro} micro-batches but the DeepSpeed config has "
-                             f"gradient_accumulation_steps={gas}: pass one batch per step")
+            raise ValueError(f"tram.step got {num_micro} micro-batch(es) but the DeepSpeed config has "
+                             f"gradient_accumulation_steps={gas}: pass a list of {gas} micro-batches")
+
+    def micro_batch(self, index: int, num_micro: int):
+        # Each pass is one accumulation window: DeepSpeed's documented override makes only the
+        # last micro-batch's backward a boundary (the gradient reduction), and TRAM calls
+        # engine.step() once, after pass 2. Gradients are read only after pass 1's boundary.
+        self.engine.set_gradient_accumulation_boundary(index == num_micro - 1)
+        return contextlib.nullcontext()
 
     # -- the pieces --------------------------------------------------------------------------
     def _pieces(self, grads: bool = False) -> list[tuple[Tensor, Optional[Tensor], Tensor]]:

@@ -1,6 +1,8 @@
 """Local, DDP, FSDP1 and FSDP2 backends: the forward reads the parameters' own local tensors."""
 from __future__ import annotations
 
+import contextlib
+
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -34,6 +36,10 @@ class DDPBackend(TensorBackend):
     def target_module(self) -> nn.Module:
         # The inner module: a no-grad forward through DDP would broadcast buffers for nothing.
         return self.model.module
+
+    def micro_batch(self, index: int, num_micro: int):
+        # Accumulate locally and all-reduce once, with the last micro-batch's backward.
+        return self.model.no_sync() if index < num_micro - 1 else contextlib.nullcontext()
 
     @property
     def inner_module(self) -> nn.Module:
