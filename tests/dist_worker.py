@@ -9,6 +9,7 @@ collectives it counted, so the parent test never parses interleaved stdout.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -26,9 +27,13 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
     model = make_model(0)
     lr = LR if args.optim == "adamw" else SGD_LR
     wrapped, optimizer = stacks.wrap(args.stack, args.variant, model, lr, args.dtype, args.optim, args.micro)
-    tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[name]))
-    metrics, counts = [], []
+    tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[name], **json.loads(args.override)),
+                forward_fn=NaNInjector(args.inject, rank) if args.inject else None)
+    metrics, counts, states = [], [], []
     for step, batch in enumerate(make_batches(args.steps)):
+        if args.inject:
+            tram.forward_fn.step = step
+            states.append(stacks.full_state(args.stack, wrapped))
         local = micro_batches(shard(batch, rank, world), args.micro)
         with stacks.CollectiveCounter() as counter:
             if args.explicit:
@@ -40,8 +45,29 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
     pieces = tram.backend.local_params()
     snapshot = tram.snapshot.tensors if tram.snapshot is not None else None
     return {"state": stacks.full_state(args.stack, wrapped), "metrics": metrics, "collectives": counts,
+            "states_before_step": states,
             "local_numels": [t.numel() for t in pieces],
             "snapshot_numels": None if snapshot is None else [t.numel() for t in snapshot]}
+
+
+class NaNInjector:
+    """A forward function that turns the logits NaN in one pass of one step on one rank only.
+
+    spec "RANK:STEP:PASS": pass 1 or 2 counts the gradient-carrying forwards of the step (the
+    no-grad target forwards are never touched)."""
+
+    def __init__(self, spec: str, rank: int):
+        self.rank, self.at_step, self.at_pass = (int(x) for x in spec.split(":"))
+        self.my_rank, self.step, self.calls = rank, -1, {}
+
+    def __call__(self, model, batch):
+        loss, logits = model(**batch)
+        if torch.is_grad_enabled():
+            n = self.calls[self.step] = self.calls.get(self.step, 0) + 1
+            if (self.my_rank, self.step, n) == (self.rank, self.at_step, self.at_pass):
+                logits = logits * float("nan")
+                loss = loss * float("nan")
+        return loss, logits
 
 
 def explicit_step(tram: TRAM, engine, batch: dict) -> dict:
@@ -95,6 +121,8 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--optim", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--explicit", action="store_true", help="drive the step with the explicit calls")
+    p.add_argument("--override", default="{}", help="JSON of TRAMConfig fields set on every method")
+    p.add_argument("--inject", default="", help="RANK:STEP:PASS where the logits turn NaN")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = p.parse_args()

@@ -43,6 +43,15 @@ def _e(geometry, thetas, grads, r, eta, eta_f):
     return [r * (g / f) / (norm + EPS) for f, g in zip(fs, grads)]
 
 
+def _clip(params, clip):
+    """Clip the descent gradient g' to a global norm of at most `clip` (no-op for clip 0)."""
+    if clip > 0:
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
+        factor = min(1.0, clip / (norm.item() + 1e-6))
+        for p in params:
+            p.grad.mul_(factor)
+
+
 def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, optim: str = "adamw",
                   bf16_init: bool = False, clip: float = 0.0):
     """Train `steps` TRAM steps on the full batch. Returns (state_dict, per-step metrics).
@@ -73,8 +82,22 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
         return torch.cat([torch.randn((n, SEQ, HIDDEN), generator=gens[rk]) * sigma
                           for rk in range(world) for _ in range(micro)])
 
-    for batch in make_batches(steps):
+    interval = method.get("interval", 1)
+    for index, batch in enumerate(make_batches(steps)):
         ids, labels = batch["input_ids"], batch["labels"]
+        if index % interval != 0:  # a plain step: one pass, the (clipped) update, snapshot first
+            F.cross_entropy(_logits(model, ids), labels).backward()
+            with torch.no_grad():
+                thetas = [p.detach().clone() for p in params]
+                if target == "previous":
+                    snapshot = thetas
+                elif target == "ema":
+                    snapshot = [decay * s + (1 - decay) * th for s, th in zip(snapshot, thetas)]
+                _clip(params, clip)
+            opt.step()
+            opt.zero_grad()
+            metrics.append({})
+            continue
         pass1_noise = draw_noise() if noised_pass else None
         clean = _logits(model, ids, pass1_noise)  # TRAM-Fisher's pass 1 runs on noised input
         loss = F.cross_entropy(clean, labels)
@@ -115,11 +138,7 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
                 snapshot = [th.clone() for th in thetas]
             elif target == "ema":
                 snapshot = [decay * s + (1 - decay) * th for s, th in zip(snapshot, thetas)]
-            if clip > 0:  # clip the descent gradient g' to a global norm of at most `clip`
-                norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
-                factor = min(1.0, clip / (norm.item() + 1e-6))
-                for p in params:
-                    p.grad.mul_(factor)
+            _clip(params, clip)
         opt.step()
         opt.zero_grad()
         metrics.append({"d": r, "loss": loss.item(),

@@ -20,6 +20,7 @@ METHODS = {
     "tram_initial": dict(geometry="sam", target="initial", scale=100.0, rho_max=0.3),
     "tram_fisher": dict(geometry="fisher", target="noised_input", noised_pass=True, sigma=0.5, scale=100.0,
                         radius_at_start=0.1, seed=3),
+    "tram_interval": dict(geometry="asam", target="previous", scale=100.0, radius_at_start=0.2, interval=2),
     "tram_ema": dict(geometry="fisher", target="ema", scale=100.0, ema_decay=0.5, divergence="symmetric"),
 }
 

@@ -56,6 +56,11 @@ class TRAMConfig:
     pass 1 runs on noised input embeddings and its gradient gives the direction and the Fisher
     diagonal; the radius is KL(p(x+z; theta) || p(x; theta+e)) on the same batch, measured after
     pass 2 and used at the next step (radius_at_start at step 0). No separate target forward."""
+    interval: int = 1
+    """Take a TRAM step every interval-th optimizer step and a plain step (one pass) otherwise."""
+    max_grad_norm: Optional[float] = None
+    """Clip the descent gradient g' to this global norm with the backend's own clipping (DeepSpeed:
+    set gradient_clipping in its config instead). A non-finite norm skips the update."""
     mode: str = "global"
     """"global": one perturbation per optimizer step over all micro-batches."""
     eps: float = 1e-12
@@ -92,6 +97,10 @@ class TRAMConfig:
         if self.noised_pass and (self.geometry != "fisher" or self.target != "noised_input"):
             raise ValueError("TRAMConfig.noised_pass=True (TRAM-Fisher) needs geometry='fisher' and "
                              f"target='noised_input', got geometry={self.geometry!r}, target={self.target!r}")
+        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
+            raise ValueError(f"TRAMConfig.interval must be an int >= 1, got {self.interval!r}")
+        if self.max_grad_norm is not None:
+            _number("max_grad_norm", self.max_grad_norm, low=0.0, open_interval=True)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"TRAMConfig.seed must be an int, got {self.seed!r}")
 

@@ -40,7 +40,7 @@ class TRAM:
         self.config = config if config is not None else TRAMConfig()
         self.config.validate()
         self.backend = make_backend(model, optimizer, group)
-        self.backend.validate()
+        self.backend.validate(self.config)
         self.forward_fn = forward_fn or default_forward
         self.noised: Optional[NoisedInput] = None
         self.snapshot: Optional[Snapshot] = None
@@ -55,6 +55,7 @@ class TRAM:
         self._started = False
         self._metrics: dict[str, float] = {}
         self._held: list[tuple[Tensor, Optional[Tensor]]] = []  # TRAM-Fisher's pass-1 logits
+        self._skip = False
 
     # -- the one-call step ------------------------------------------------------------------
     def step(self, batches: Any) -> dict[str, float]:
@@ -62,6 +63,8 @@ class TRAM:
         micro = list(batches) if isinstance(batches, list) else [batches]
         n = len(micro)
         self.backend.check_micro_batches(n)
+        if self.step_count % self.config.interval != 0:
+            return self._plain_step(micro)
         for i, batch in enumerate(micro):
             with self.backend.micro_batch(i, n):
                 with self.first_pass():
@@ -78,6 +81,17 @@ class TRAM:
             perturbed += float(loss.detach()) / n
         return self.descent_step(loss_perturbed=perturbed)
 
+    def _plain_step(self, micro: list) -> dict[str, float]:
+        """One pass and the base update (interval > 1): no perturbation, no added collective."""
+        n, loss_sum = len(micro), 0.0
+        for i, batch in enumerate(micro):
+            with self.backend.micro_batch(i, n):
+                loss, _, _ = split_output(self.forward_fn(self.backend.forward_module, batch))
+                self.backend.backward(loss, n)
+            loss_sum += float(loss.detach())
+        self._metrics = {"tram": 0.0}
+        return self.descent_step(loss_perturbed=None) | {"loss_local": loss_sum / n}
+
     # -- the explicit calls -----------------------------------------------------------------
     def first_pass(self):
         """Context for each pass-1 forward: noised input embeddings for TRAM-Fisher, else nothing."""
@@ -86,7 +100,7 @@ class TRAM:
     def observe_perturbed(self, logits: Tensor, mask: Optional[Tensor] = None) -> None:
         """TRAM-Fisher only (a no-op otherwise): after each pass-2 forward, in micro-batch order,
         the local KL(p(x+z; theta) || p(x; theta+e)) that the next step's radius is made of."""
-        if not self.config.noised_pass:
+        if not self.config.noised_pass or self._skip:
             return
         target, target_mask = self._held.pop(0)
         kl_sum, count = divergence.kl_sum_count(logits, target, self.config.divergence, target_mask)
@@ -126,18 +140,27 @@ class TRAM:
         packed = torch.cat([sums, self._partial.to(sums.device)])
         backend.all_reduce(packed)
         packed = packed.cpu()
+        self._metrics = {"tram": 1.0}
+        if not bool(torch.isfinite(packed).all()):
+            # Every rank holds the same reduced values, so every rank skips alike: theta stays,
+            # the gradients are dropped and descent_step makes no update.
+            self._skip = True
+            backend.zero_grad()
+            self._partial.zero_()
+            self._metrics.update(skipped=1.0, d=math.nan)
+            return math.nan
         r = self._radius(packed)
         factor = rules.scale_factor(r, float(packed[rules.NORMALISER]), cfg.eps)
         backend.load(rules.ascent(cfg.geometry, th, g, factor, cfg.eta, cfg.eta_f) for th, g in zip(thetas, grads))
         backend.zero_grad()
         count = float(packed[_KL_COUNT])
-        self._metrics = {
+        self._metrics.update({
             "d": r,
             "kl": float(packed[_KL_SUM]) / count if count > 0 else 0.0,
             "grad_norm": math.sqrt(float(packed[rules.GRAD_SQ])),
             "e_norm": rules.e_norm(r, packed[: rules.NUM_SUMS], cfg.eps),
             "loss": float(packed[_LOSS_SUM]) / max(float(packed[_LOSS_COUNT]), 1.0),
-        }
+        })
         # Pass 2 of TRAM-Fisher adds the next step's KL from here on.
         self._partial.zero_()
         return r
@@ -147,12 +170,21 @@ class TRAM:
 
         ``loss_perturbed`` (this rank's loss at theta + e) is only reported."""
         self.backend.prepare_step()
-        if self.snapshot is not None:
-            self.snapshot.before_update(self.backend.local_params())
-        self.backend.step()
+        if not self._skip and self.config.max_grad_norm is not None:
+            norm = self.backend.clip_grad_norm(self.config.max_grad_norm)  # global: same on every rank
+            self._metrics["grad_norm_perturbed"] = norm
+            self._skip = not math.isfinite(norm)
+        if self._skip:
+            self.backend.zero_grad()
+            self._metrics["skipped"] = 1.0
+        else:
+            if self.snapshot is not None:
+                self.snapshot.before_update(self.backend.local_params())
+            self.backend.step()
         self.step_count += 1
-        self._started = False
-        metrics = {"step": float(self.step_count), **self._metrics}
+        self._started = self._skip = False
+        self._held.clear()
+        metrics = {"step": float(self.step_count), "skipped": 0.0, **self._metrics}
         if loss_perturbed is not None:
             metrics["loss_perturbed"] = float(loss_perturbed)
         return metrics

@@ -84,6 +84,12 @@ class Backend:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the gradient to a global norm of max_norm with the stack's own clipping; return the
+        norm before clipping (the same on every rank)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
     def prepare_step(self) -> None:
         """Make local_params() hold theta again before the update (and the snapshot refresh)."""
         self.restore()
@@ -93,7 +99,7 @@ class Backend:
         self.optimizer.step()
         self.zero_grad()
 
-    def validate(self) -> None:
+    def validate(self, config) -> None:
         """Raise ValueError for a stack configuration TRAM cannot serve, before any collective."""
 
     def check_micro_batches(self, num_micro: int) -> None:

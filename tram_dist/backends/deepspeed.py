@@ -54,10 +54,16 @@ class DeepSpeedBackend(Backend):
     def inner_module(self) -> nn.Module:
         return self.engine.module
 
-    def validate(self) -> None:
+    def validate(self, config) -> None:
         if self.engine.fp16_enabled():
             raise ValueError("fp16.enabled: fp16 loss scaling under DeepSpeed is not supported yet; "
                              "use bf16 or fp32")
+        if config.max_grad_norm is not None:
+            self.clip_grad_norm(config.max_grad_norm)  # raises: the engine's config owns clipping
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        raise ValueError("TRAMConfig.max_grad_norm: under DeepSpeed set gradient_clipping in the DeepSpeed "
+                         "config instead (the engine clips the descent gradient itself)")
 
     def check_micro_batches(self, num_micro: int) -> None:
         # One TRAM step is one DeepSpeed optimizer step: it takes exactly the engine's

@@ -88,6 +88,10 @@ class FSDP1Backend(TensorBackend):
                 handle._prefetched = False
 
 
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return float(self.model.clip_grad_norm_(max_norm))  # a collective over the shards
+
+
 class FSDP2Backend(TensorBackend):
     """fully_shard (FSDP2): parameters and grads are DTensors sharded on dim 0.
 
