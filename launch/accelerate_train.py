@@ -27,6 +27,8 @@ def main() -> None:
     if accelerator.num_processes != launched:
         raise RuntimeError(f"launched {launched} processes, but accelerate sees {accelerator.num_processes}: "
                            "each would train alone")
+    if accelerator.is_main_process:
+        print(f"accelerate: {accelerator.num_processes} processes, {accelerator.distributed_type.value}", flush=True)
     torch.manual_seed(0)  # the same initial weights in every process
     model = BertForSequenceClassification(BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -42,8 +44,7 @@ def main() -> None:
         m = tram.step(batch)  # metrics are global: the same in every process
         if accelerator.is_main_process:
             print(f"step {step} d={m['d']:.4g} grad_norm={m['grad_norm']:.4g} "
-                  f"e_norm={m['e_norm']:.4g} loss={m['loss']:.4f} processes={accelerator.num_processes}",
-                  flush=True)
+                  f"e_norm={m['e_norm']:.4g} loss={m['loss']:.4f}", flush=True)
     accelerator.end_training()  # destroys the process group
 
 

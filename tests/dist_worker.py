@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stacks  # noqa: E402
 from tiny import LR, METHODS, SGD_LR, make_batches, make_model, micro_batches, shard  # noqa: E402
 
-from tram_dist import TRAM, TRAMConfig  # noqa: E402
+from tram_dist import TRAM, TRAMConfig, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def run_method(args, name: str, rank: int, world: int) -> dict:
@@ -30,7 +30,17 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
     tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[name], **json.loads(args.override)),
                 forward_fn=NaNInjector(args.inject, rank) if args.inject else None)
     metrics, counts, states = [], [], []
+    ckpt = os.path.join(args.ckpt, name) if args.ckpt else None
+    first = 0
+    if args.resume:
+        load_checkpoint(tram, ckpt)
+        first = tram.step_count
     for step, batch in enumerate(make_batches(args.steps)):
+        if step < first:
+            continue
+        if args.save_at and step == args.save_at:
+            save_checkpoint(tram, ckpt)
+            break
         if args.inject:
             tram.forward_fn.step = step
             states.append(stacks.full_state(args.stack, wrapped))
@@ -123,6 +133,9 @@ def main() -> None:
     p.add_argument("--explicit", action="store_true", help="drive the step with the explicit calls")
     p.add_argument("--override", default="{}", help="JSON of TRAMConfig fields set on every method")
     p.add_argument("--inject", default="", help="RANK:STEP:PASS where the logits turn NaN")
+    p.add_argument("--ckpt", default="", help="checkpoint directory (one subdirectory per method)")
+    p.add_argument("--save-at", type=int, default=0, help="save before this step and stop")
+    p.add_argument("--resume", action="store_true", help="load the latest checkpoint, then go on")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = p.parse_args()

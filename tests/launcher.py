@@ -20,6 +20,7 @@ def free_port() -> int:
 
 def torchrun(tmp_path, *worker_args: str, timeout: int = 240) -> list[dict]:
     """Launch 2 ranks; fail with their output on a non-zero exit or a hang; return rank results."""
+    os.makedirs(tmp_path, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(HERE, "dist_worker.py"), "--out", str(tmp_path), *worker_args]

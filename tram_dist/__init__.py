@@ -5,9 +5,10 @@
     for batch in loader:
         metrics = tram.step(batch)
 """
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TRAMConfig
 from .forward import causal_lm_forward, default_forward
 from .optimizer import TRAM
 
-__all__ = ["TRAM", "TRAMConfig", "causal_lm_forward", "default_forward"]
+__all__ = ["TRAM", "TRAMConfig", "causal_lm_forward", "default_forward", "load_checkpoint", "save_checkpoint"]
 __version__ = "0.1.0"

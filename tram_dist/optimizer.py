@@ -189,6 +189,39 @@ class TRAM:
             metrics["loss_perturbed"] = float(loss_perturbed)
         return metrics
 
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """TRAM's own state on this rank (the stack saves model and optimizer): counters, the noise
+        generator, this rank's snapshot shards, TRAM-Fisher's carried KL. Only between steps."""
+        if self._started or self.backend.is_loaded():
+            raise ValueError("state_dict/save_checkpoint called between ascent_step and descent_step: the "
+                             "weights hold theta + e; save after descent_step")
+        return {
+            "config": self.config.to_dict(), "step_count": self.step_count,
+            "world_size": self.backend.world_size, "rank": self.backend.rank,
+            "generator": None if self.noised is None else self.noised.generator.get_state(),
+            "snapshot": None if self.snapshot is None else self.snapshot.tensors,
+            "partial": self._partial.clone(),
+            "local_numels": [t.numel() for t in self.backend.local_params()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        numels = [t.numel() for t in self.backend.local_params()]
+        if state["world_size"] != self.backend.world_size or state["local_numels"] != numels:
+            raise ValueError(f"TRAM state from world size {state['world_size']} with local shards "
+                             f"{state['local_numels'][:4]}... does not fit world size {self.backend.world_size} "
+                             f"with local shards {numels[:4]}...: resume with the same ranks and sharding")
+        if TRAMConfig.from_dict(state["config"]) != self.config:
+            raise ValueError("TRAMConfig differs from the checkpoint's; resume with the same settings "
+                             f"(checkpoint: {state['config']})")
+        self.step_count = state["step_count"]
+        self._partial = state["partial"].clone()
+        if self.noised is not None:
+            self.noised.generator.set_state(state["generator"])
+        if self.snapshot is not None and state["snapshot"] is not None:
+            device = self.backend.local_params()[0].device if numels else "cpu"
+            self.snapshot.tensors = [t.to(device) for t in state["snapshot"]]
+
     # -- internals ---------------------------------------------------------------------------
     def _begin(self) -> None:
         if not self._started:

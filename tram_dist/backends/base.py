@@ -8,6 +8,7 @@ packed all-reduce of a step. No other module of tram_dist branches on the stack.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -99,6 +100,39 @@ class Backend:
         self.optimizer.step()
         self.zero_grad()
 
+    # -- checkpoints ---------------------------------------------------------------------
+    def is_loaded(self) -> bool:
+        """True while the forward's tensors hold something other than theta (theta + e, a snapshot)."""
+        raise NotImplementedError
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        """Model and optimizer state with torch.distributed.checkpoint (each rank writes its shards),
+        then `latest` from rank 0 once every rank is done."""
+        import torch.distributed.checkpoint as dcp
+
+        from ..checkpoint import write_latest
+
+        dcp.save(self._dcp_state(), checkpoint_id=os.path.join(directory, tag))
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+        if self.rank == 0:
+            write_latest(directory, tag)
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = self._dcp_state()
+        dcp.load(state, checkpoint_id=os.path.join(directory, tag))
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+
+    def _dcp_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"model": get_model_state_dict(self.model),
+                "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+
     def validate(self, config) -> None:
         """Raise ValueError for a stack configuration TRAM cannot serve, before any collective."""
 
@@ -149,6 +183,9 @@ class TensorBackend(Backend):
             piece.copy_(value)
         if keep:
             self._saved = saved
+
+    def is_loaded(self) -> bool:
+        return self._saved is not None
 
     @torch.no_grad()
     def restore(self) -> None:

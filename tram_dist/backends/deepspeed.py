@@ -112,6 +112,18 @@ class DeepSpeedBackend(Backend):
         self._sync()
         self._loaded = False
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def is_loaded(self) -> bool:
+        return self._loaded
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        self.engine.save_checkpoint(directory, tag=tag)  # DeepSpeed writes `latest` last
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise ValueError(f"load_checkpoint: DeepSpeed could not load {directory!r} tag {tag!r}")
+
     # -- training ------------------------------------------------------------------------------
     def backward(self, loss: Tensor, num_micro: int) -> None:
         self.engine.backward(loss)  # the engine scales by its own gradient_accumulation_steps
