@@ -121,6 +121,35 @@ def baseline_counts(args, rank: int, world: int) -> dict:
     return {"two_pass": two_pass.counts, "two_pass_elements": two_pass.elements, "forward": fwd.counts}
 
 
+BAD_CASES = {
+    # case: (stack, extra TRAMConfig fields, micro-batches per step, pass the base optimizer too)
+    "ds_max_grad_norm": ("zero2", {"max_grad_norm": 1.0}, 1, False),
+    "ds_micro_batch_count": ("zero2", {}, 2, False),
+    "ds_optimizer_given": ("zero2", {}, 1, True),
+    "fsdp_noised_without_embedding": ("fsdp2", {"target": "noised_input"}, 1, False),
+    "ds_fp16": ("zero2", {}, 1, False),
+}
+
+
+def bad_input(args, rank: int, world: int) -> dict:
+    """Build the stack, then hit one misconfiguration: every rank must raise the same ValueError
+    before TRAM issues any collective."""
+    stack, fields, micro, give_optimizer = BAD_CASES[args.bad]
+    model = make_model(0)
+    wrapped, optimizer = stacks.wrap(stack, "", model, LR, dtype="fp16" if args.bad == "ds_fp16" else "fp32")
+    if args.bad == "fsdp_noised_without_embedding":
+        type(model).get_input_embeddings = lambda self: None  # a model that has no such layer
+    error = None
+    with stacks.CollectiveCounter() as counter:
+        try:
+            opt = (wrapped.optimizer if give_optimizer else None) if stack.startswith("zero") else optimizer
+            tram = TRAM(wrapped, opt, TRAMConfig(**fields))
+            tram.step(micro_batches(shard(make_batches(1)[0], rank, world), micro))
+        except ValueError as e:
+            error = str(e)
+    return {"error": error, "collectives": counter.counts}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--stack", required=True)
@@ -136,11 +165,16 @@ def main() -> None:
     p.add_argument("--ckpt", default="", help="checkpoint directory (one subdirectory per method)")
     p.add_argument("--save-at", type=int, default=0, help="save before this step and stop")
     p.add_argument("--resume", action="store_true", help="load the latest checkpoint, then go on")
+    p.add_argument("--bad", default="", choices=["", *BAD_CASES], help="a misconfiguration to hit")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = p.parse_args()
     stacks.init_distributed(args.stack)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.bad:
+        torch.save(bad_input(args, rank, world), os.path.join(args.out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+        return
     results = {}
     if args.dtype == "fp32":  # the stack's own gradient and collectives are checked in fp32
         results = {"plain_grads": check_grads(args, rank, world), "baseline": baseline_counts(args, rank, world)}

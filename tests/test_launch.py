@@ -70,7 +70,8 @@ def run(script: str, *args: str, **knobs: str) -> str:
 def assert_three_steps(out: str, what: str) -> None:
     """Rank 0 alone prints: steps 0..STEPS-1, each exactly once, with finite, non-zero metrics."""
     matches = list(LINE.finditer(out))
-    assert [int(m.group(1)) for m in matches] == list(range(STEPS)), f"{what}: expected steps 0..{STEPS - 1} once each in\n{out[-6000:]}"
+    steps = [int(m.group(1)) for m in matches]
+    assert steps == list(range(STEPS)), f"{what}: expected steps 0..{STEPS - 1} once each, got {steps} in\n{out[-6000:]}"
     for m in matches:
         d, grad_norm, e_norm, loss = (float(x) for x in m.groups()[1:])
         assert all(math.isfinite(v) for v in (d, grad_norm, e_norm, loss)), (what, m.group(0))
@@ -128,11 +129,11 @@ def slurm_env(tmp_path, nodelist: str, **knobs: str) -> dict:
     env = launch_env(SLURM_JOB_NODELIST=nodelist, SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_ID="4242",
                      SLURM_SUBMIT_DIR=ROOT, **knobs)
     env["PATH"] = os.pathsep.join([str(tmp_path / "bin"), os.path.dirname(sys.executable), *path])
-    (tmp_path / "bin").mkdir(exist_ok=True)
     return env
 
 
 def fake_command(tmp_path, name: str, body: str) -> None:
+    (tmp_path / "bin").mkdir(exist_ok=True)
     path = tmp_path / "bin" / name
     path.write_text("#!/usr/bin/env bash\n" + body)
     path.chmod(0o755)
@@ -175,6 +176,13 @@ def test_slurm_runs_under_stand_in_srun(tmp_path):
         'pids=()\n'
         'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" & pids+=($!); done\n'
         'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc\n'))
-    env = slurm_env(tmp_path, "127.0.0.1,127.0.0.1", NPROC_PER_NODE="1", RDZV_PORT=str(free_port()))
+    # PYTHON logs each node's torchrun command line, one line per node, then runs it.
+    fake_command(tmp_path, "python-logged", f'echo "$*" >> {shlex.quote(str(tmp_path / "commands"))}\n'
+                                            f'exec {shlex.quote(sys.executable)} "$@"\n')
+    env = slurm_env(tmp_path, "127.0.0.1,127.0.0.1", NPROC_PER_NODE="1", RDZV_PORT=str(free_port()),
+                    PYTHON=str(tmp_path / "bin" / "python-logged"))
     proc = start([BASH, os.path.join(LAUNCH, "slurm.sbatch")], env)
     assert_three_steps(finish([proc], "slurm.sbatch"), "slurm.sbatch under a stand-in srun")
+    # The launcher's own python is the same wrapper: keep the torchrun lines only.
+    agents = [c.split() for c in (tmp_path / "commands").read_text().splitlines() if "torch.distributed.run" in c]
+    assert sorted(flag(c, "--node_rank") for c in agents) == ["0", "1"], agents
