@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# TRAM under the deepspeed launcher. Run it on the first host of HOSTFILE; with several hosts
-# the launcher starts the other hosts' ranks over passwordless ssh (pdsh).
+# TRAM under the deepspeed launcher. With several hosts in HOSTFILE the launcher starts every
+# host's ranks over passwordless ssh (pdsh), and rank 0 runs on the first host.
 #   bash launch/deepspeed.sh [script args...]
 #   HOSTFILE=/path/to/hostfile MASTER_PORT=29600 bash launch/deepspeed.sh
 #   HOSTFILE= NUM_GPUS=2 bash launch/deepspeed.sh   # this node only (needed on a CPU-only node)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -150,6 +151,34 @@ def bad_input(args, rank: int, world: int) -> dict:
     return {"error": error, "collectives": counter.counts}
 
 
+def fault_run(args, rank: int, world: int) -> dict:
+    """Checkpoint every 2 steps. On torchrun's first attempt rank 1 is SIGKILLed inside the save
+    of step 4, after its TRAM file is written but before the stack's checkpoint and `latest`: a
+    half-written checkpoint. The restarted job must resume from step 2 and finish."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    name = args.methods.split(",")[0]
+    model = make_model(0)
+    wrapped, optimizer = stacks.wrap(args.stack, args.variant, model, LR)
+    tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[name]))
+    resumed = load_checkpoint(tram, args.ckpt) if os.path.isfile(os.path.join(args.ckpt, "latest")) else None
+    if attempt == 0 and rank == 1:
+        save = tram.backend.save_checkpoint
+
+        def dying_save(directory, tag):
+            if tag == "step4":
+                os.kill(os.getpid(), signal.SIGKILL)
+            save(directory, tag)
+
+        tram.backend.save_checkpoint = dying_save
+    for step, batch in enumerate(make_batches(args.steps)):
+        if step < tram.step_count:
+            continue
+        tram.step(shard(batch, rank, world))
+        if tram.step_count % 2 == 0:
+            save_checkpoint(tram, args.ckpt)
+    return {name: {"state": stacks.full_state(args.stack, wrapped)}, "attempt": attempt, "resumed_from": resumed}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--stack", required=True)
@@ -165,14 +194,16 @@ def main() -> None:
     p.add_argument("--ckpt", default="", help="checkpoint directory (one subdirectory per method)")
     p.add_argument("--save-at", type=int, default=0, help="save before this step and stop")
     p.add_argument("--resume", action="store_true", help="load the latest checkpoint, then go on")
+    p.add_argument("--fault", action="store_true", help="the kill-and-restart run (see fault_run)")
     p.add_argument("--bad", default="", choices=["", *BAD_CASES], help="a misconfiguration to hit")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = p.parse_args()
     stacks.init_distributed(args.stack)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.bad:
-        torch.save(bad_input(args, rank, world), os.path.join(args.out, f"rank{rank}.pt"))
+    if args.bad or args.fault:
+        result = bad_input(args, rank, world) if args.bad else fault_run(args, rank, world)
+        torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
         dist.destroy_process_group()
         return
     results = {}

@@ -18,11 +18,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp_path, *worker_args: str, timeout: int = 240) -> list[dict]:
+def torchrun(tmp_path, *worker_args: str, timeout: int = 240, max_restarts: int = 0) -> list[dict]:
     """Launch 2 ranks; fail with their output on a non-zero exit or a hang; return rank results."""
     os.makedirs(tmp_path, exist_ok=True)
+    # A run that may restart needs the c10d rendezvous: its store is fresh for every round, while
+    # the static one keeps the dead attempt's addresses and the new gloo mesh cannot connect.
+    rendezvous = (["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}"] if max_restarts
+                  else ["--master_addr", "127.0.0.1", "--master_port", str(free_port())])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--max-restarts", str(max_restarts), *rendezvous,
            os.path.join(HERE, "dist_worker.py"), "--out", str(tmp_path), *worker_args]
     env = dict(os.environ, OMP_NUM_THREADS="1", KINETO_LOG_LEVEL="5", PYTHONWARNINGS="ignore")
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from launcher import torchrun
+from reference import reference_run
 from tiny import LR, METHODS, make_batches, make_model
 
 from tram_dist import TRAM, TRAMConfig, load_checkpoint, save_checkpoint
@@ -63,3 +65,19 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     other = TRAM(model, torch.optim.AdamW(model.parameters(), lr=LR), TRAMConfig(**dict(METHODS["tram_previous"], scale=1.0)))
     with pytest.raises(ValueError, match="TRAMConfig differs"):
         load_checkpoint(other, str(tmp_path))
+
+
+@pytest.mark.parametrize("stack", ["ddp", "zero3"])
+def test_killed_rank_restarts_from_the_last_complete_checkpoint(tmp_path, stack):
+    """torchrun --max-restarts 1: rank 1 is SIGKILLed inside the save of step 4 (its TRAM file
+    written, the stack's checkpoint and `latest` not). The restarted job loads step 2, the last
+    complete checkpoint, never the half-written step 4, and finishes at the 6-step reference."""
+    ckpt = tmp_path / "ckpt"
+    results = torchrun(tmp_path / "out", "--stack", stack, "--fault", "--methods", "tram_previous",
+                       "--steps", "6", "--ckpt", str(ckpt), max_restarts=1)
+    ref_state, _ = reference_run(METHODS["tram_previous"], 6)
+    for rank, res in enumerate(results):
+        assert res["attempt"] == 1 and res["resumed_from"] == "step2", (rank, res["attempt"], res["resumed_from"])
+        diff = max((res["tram_previous"]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
+        assert diff <= 1e-6, f"rank {rank}: off by {diff:.3g}"
+    assert (ckpt / "latest").read_text() == "step6"
