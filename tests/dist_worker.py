@@ -129,6 +129,8 @@ BAD_CASES = {
     "ds_optimizer_given": ("zero2", {}, 1, True),
     "fsdp_noised_without_embedding": ("fsdp2", {"target": "noised_input"}, 1, False),
     "ds_fp16": ("zero2", {}, 1, False),
+    "rank_scope_on_sharded": ("fsdp2", {"scope": "rank"}, 1, False),
+    "ds_micro_mode": ("zero2", {"mode": "micro"}, 1, False),
 }
 
 

@@ -43,6 +43,26 @@ def _e(geometry, thetas, grads, r, eta, eta_f):
     return [r * (g / f) / (norm + EPS) for f, g in zip(fs, grads)]
 
 
+def _groups(method, world, micro):
+    """The sets of rows that share one perturbation e. Rank r holds rows [r*B/world, (r+1)*B/world),
+    cut into `micro` micro-batches; mode "micro" gives each micro-batch (of all ranks) its own e,
+    scope "rank" each rank its own, both together each (rank, micro-batch)."""
+    per_rank = GLOBAL_BATCH // world
+    mb = per_rank // micro
+
+    def rows(r, i):
+        return list(range(r * per_rank + i * mb, r * per_rank + (i + 1) * mb))
+
+    by_micro, by_rank = method.get("mode") == "micro", method.get("scope") == "rank"
+    if by_micro and by_rank:
+        return [rows(r, i) for i in range(micro) for r in range(world)]
+    if by_micro:
+        return [sum((rows(r, i) for r in range(world)), []) for i in range(micro)]
+    if by_rank:
+        return [sum((rows(r, i) for i in range(micro)), []) for r in range(world)]
+    return [list(range(GLOBAL_BATCH))]
+
+
 def _clip(params, clip):
     """Clip the descent gradient g' to a global norm of at most `clip` (no-op for clip 0)."""
     if clip > 0:
@@ -98,49 +118,60 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
             opt.zero_grad()
             metrics.append({})
             continue
-        pass1_noise = draw_noise() if noised_pass else None
-        clean = _logits(model, ids, pass1_noise)  # TRAM-Fisher's pass 1 runs on noised input
-        loss = F.cross_entropy(clean, labels)
-        loss.backward()
-        grads = [p.grad.detach().clone() for p in params]
+        z = draw_noise() if target == "noised_input" else None
+        acc = [torch.zeros_like(p) for p in params]
+        radii, losses, grad_norms = [], [], []
         thetas = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            if target is None:
-                r = rho
-            elif noised_pass:  # the KL measured after the previous step's pass 2
-                r = method.get("radius_at_start", 0.0) if lagged_kl is None else scale * lagged_kl
-            elif target == "noised_input":
-                r = scale * _kl_per_example(clean.detach(), _logits(model, ids, draw_noise()), direction).mean().item()
-            elif snapshot is None:  # "previous" at step 0: no history yet
-                r = method.get("radius_at_start", 0.0)
-            else:
-                for p, s in zip(params, snapshot):
-                    p.copy_(s)
-                tgt = _logits(model, ids)
-                for p, th in zip(params, thetas):
+        for group in _groups(method, world, micro):
+            idx = torch.tensor(group)
+            clean = _logits(model, ids[idx], z[idx] if noised_pass else None)  # TRAM-Fisher: noised pass 1
+            loss = F.cross_entropy(clean, labels[idx])
+            loss.backward()
+            grads = [p.grad.detach().clone() for p in params]
+            opt.zero_grad()
+            with torch.no_grad():
+                if target is None:
+                    r = rho
+                elif noised_pass:  # the KL measured after the previous step's pass 2
+                    r = method.get("radius_at_start", 0.0) if lagged_kl is None else scale * lagged_kl
+                elif target == "noised_input":
+                    r = scale * _kl_per_example(clean.detach(), _logits(model, ids[idx], z[idx]), direction).mean().item()
+                elif snapshot is None:  # "previous" at step 0: no history yet
+                    r = method.get("radius_at_start", 0.0)
+                else:
+                    for p, s_ in zip(params, snapshot):
+                        p.copy_(s_)
+                    tgt = _logits(model, ids[idx])
+                    for p, th in zip(params, thetas):
+                        p.copy_(th)
+                    r = scale * _kl_per_example(clean.detach(), tgt, direction).mean().item()
+                if target is not None and rho_max is not None:
+                    r = min(r, rho_max)
+                for p, th, e in zip(params, thetas, _e(geometry, thetas, grads, r, eta, eta_f)):
+                    p.copy_(th + e)
+            perturbed_logits = _logits(model, ids[idx])
+            loss_perturbed = F.cross_entropy(perturbed_logits, labels[idx])
+            (loss_perturbed / len(_groups(method, world, micro))).backward()
+            if noised_pass:  # KL(p(x+z; theta) || p(x; theta+e)), used at the next step
+                lagged_kl = _kl_per_example(perturbed_logits.detach(), clean.detach(), direction).mean().item()
+            with torch.no_grad():
+                for p, a_, th in zip(params, acc, thetas):
+                    a_.add_(p.grad)
                     p.copy_(th)
-                r = scale * _kl_per_example(clean.detach(), tgt, direction).mean().item()
-            if target is not None and rho_max is not None:
-                r = min(r, rho_max)
-            es = _e(geometry, thetas, grads, r, eta, eta_f)
-            for p, th, e in zip(params, thetas, es):
-                p.copy_(th + e)
-        opt.zero_grad()
-        perturbed_logits = _logits(model, ids)
-        loss_perturbed = F.cross_entropy(perturbed_logits, labels)
-        loss_perturbed.backward()
-        if noised_pass:  # KL(p(x+z; theta) || p(x; theta+e)), used at the next step
-            lagged_kl = _kl_per_example(perturbed_logits.detach(), clean.detach(), direction).mean().item()
+            opt.zero_grad()
+            radii.append(r)
+            losses.append(loss.item())
+            grad_norms.append(torch.sqrt(sum((g ** 2).sum() for g in grads)).item())
         with torch.no_grad():
-            for p, th in zip(params, thetas):
-                p.copy_(th)
+            for p, a_ in zip(params, acc):
+                p.grad = a_
             if target == "previous":
                 snapshot = [th.clone() for th in thetas]
             elif target == "ema":
-                snapshot = [decay * s + (1 - decay) * th for s, th in zip(snapshot, thetas)]
+                snapshot = [decay * s_ + (1 - decay) * th for s_, th in zip(snapshot, thetas)]
             _clip(params, clip)
+        r, loss = sum(radii) / len(radii), sum(losses) / len(losses)
         opt.step()
         opt.zero_grad()
-        metrics.append({"d": r, "loss": loss.item(),
-                        "grad_norm": torch.sqrt(sum((g ** 2).sum() for g in grads)).item()})
+        metrics.append({"d": r, "loss": loss, "grad_norm": grad_norms[0]})
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics

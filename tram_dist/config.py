@@ -10,7 +10,8 @@ GEOMETRIES = ("sam", "asam", "fisher")
 TARGETS = (None, "noised_input", "previous", "initial", "ema")
 DIVERGENCES = ("forward", "reverse", "symmetric")
 NOISES = ("normal", "uniform")
-MODES = ("global",)
+MODES = ("global", "micro")
+SCOPES = ("global", "rank")
 
 # The paper's baseline radius of each geometry (SAM rho 0.05, ASAM rho 0.5, FSAM gamma 0.1).
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, "fisher": 0.1}
@@ -62,7 +63,11 @@ class TRAMConfig:
     """Clip the descent gradient g' to this global norm with the backend's own clipping (DeepSpeed:
     set gradient_clipping in its config instead). A non-finite norm skips the update."""
     mode: str = "global"
-    """"global": one perturbation per optimizer step over all micro-batches."""
+    """"global": one perturbation per optimizer step from all micro-batches; "micro": one per
+    micro-batch (m-sharpness; its own pass 1, all-reduce and pass 2), g' accumulated over them."""
+    scope: str = "global"
+    """"global": e from the gradient and KL of all ranks; "rank": from this rank's own (per-rank
+    m-sharpness; local and DDP only: sharded parameters hold one perturbation for all ranks)."""
     eps: float = 1e-12
     """Guard added to every norm in a denominator."""
 
@@ -81,6 +86,10 @@ class TRAMConfig:
         _choice("divergence", self.divergence, DIVERGENCES)
         _choice("noise", self.noise, NOISES)
         _choice("mode", self.mode, MODES)
+        _choice("scope", self.scope, SCOPES)
+        if self.mode == "micro" and self.noised_pass:
+            raise ValueError("TRAMConfig.mode='micro' with noised_pass=True (TRAM-Fisher) is not supported; "
+                             "use mode='global'")
         if self.rho is not None:
             _number("rho", self.rho, low=0.0)
         _number("eta", self.eta, low=0.0)

@@ -65,20 +65,44 @@ class TRAM:
         self.backend.check_micro_batches(n)
         if self.step_count % self.config.interval != 0:
             return self._plain_step(micro)
+        if self.config.mode == "micro":
+            return self._micro_step(micro)
+        sync = self.config.scope == "global"  # scope "rank": pass 1 keeps each rank's own gradient
         for i, batch in enumerate(micro):
-            with self.backend.micro_batch(i, n):
+            with self.backend.micro_batch(i, n, sync=sync):
                 with self.first_pass():
                     loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
                 self.backend.backward(loss, n)
             self.observe(batch, logits, mask, loss)
         self.ascent_step()
-        perturbed = 0.0
+        perturbed = sum(self._second_pass(batch, i, n) for i, batch in enumerate(micro)) / n
+        return self.descent_step(loss_perturbed=perturbed)
+
+    def _second_pass(self, batch: Any, index: int, n: int, reduce_each: bool = False) -> float:
+        """Pass 2 on one micro-batch at theta + e; its gradient is scaled by 1/n."""
+        with self.backend.micro_batch(0, 1) if reduce_each else self.backend.micro_batch(index, n):
+            loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
+            self.backend.backward(loss, n)
+        self.observe_perturbed(logits, mask)
+        return float(loss.detach())
+
+    def _micro_step(self, micro: list) -> dict[str, float]:
+        """mode "micro": for each micro-batch its own pass 1 (the gradient of its mean loss), one
+        packed all-reduce, e, and pass 2 scaled by 1/n. g' adds up over the micro-batches; the
+        sum so far is kept aside (one shard-sized copy) while the next pass 1 runs."""
+        n, perturbed, radii = len(micro), 0.0, []
         for i, batch in enumerate(micro):
-            with self.backend.micro_batch(i, n):
+            stash = self.backend.stash_grads() if i > 0 else None
+            with self.backend.micro_batch(0, 1, sync=self.config.scope == "global"):
                 loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
-                self.backend.backward(loss, n)
-            self.observe_perturbed(logits, mask)
-            perturbed += float(loss.detach()) / n
+                self.backend.backward(loss, 1)
+            self.observe(batch, logits, mask, loss)
+            radii.append(self.ascent_step())
+            perturbed += self._second_pass(batch, i, n, reduce_each=True) / n
+            self.backend.restore()
+            if stash is not None:
+                self.backend.unstash_grads(stash)
+        self._metrics["d"] = sum(radii) / n
         return self.descent_step(loss_perturbed=perturbed)
 
     def _plain_step(self, micro: list) -> dict[str, float]:
@@ -136,10 +160,14 @@ class TRAM:
         self._begin()
         cfg, backend = self.config, self.backend
         thetas, grads = backend.local_params(), backend.local_grads()
-        sums = rules.local_sums(cfg.geometry, thetas, grads, cfg.eta, cfg.eta_f) * backend.norm_weight
-        packed = torch.cat([sums, self._partial.to(sums.device)])
-        backend.all_reduce(packed)
-        packed = packed.cpu()
+        local = cfg.scope == "rank"  # e from this rank's own gradient and KL (per-rank m-sharpness)
+        sums = rules.local_sums(cfg.geometry, thetas, grads, cfg.eta, cfg.eta_f)
+        sums = sums if local else sums * backend.norm_weight
+        own = torch.cat([sums, self._partial.to(sums.device)]).cpu()
+        packed = backend.all_reduce(own.clone().to(sums.device)).cpu()  # the step's one collective
+        if local:  # the reduced copy still decides a skip, alike on every rank
+            own[torch.logical_not(torch.isfinite(packed))] = math.nan
+            packed = own
         self._metrics = {"tram": 1.0}
         if not bool(torch.isfinite(packed).all()):
             # Every rank holds the same reduced values, so every rank skips alike: theta stays,

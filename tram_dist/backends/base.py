@@ -135,14 +135,39 @@ class Backend:
 
     def validate(self, config) -> None:
         """Raise ValueError for a stack configuration TRAM cannot serve, before any collective."""
+        if config.scope == "rank" and not self.supports_rank_scope:
+            raise ValueError(f"TRAMConfig.scope='rank' needs parameters replicated on every rank (local, DDP); "
+                             f"the {self.name} backend shards them, so all ranks share one perturbation")
+        if config.mode == "micro" and not self.supports_micro_mode:
+            raise ValueError(f"TRAMConfig.mode='micro' is not supported on the {self.name} backend; use mode='global'")
 
     def check_micro_batches(self, num_micro: int) -> None:
         """Raise ValueError, before any forward, when a step's micro-batch count cannot be served."""
 
-    def micro_batch(self, index: int, num_micro: int):
+    def micro_batch(self, index: int, num_micro: int, sync: bool = True):
         """Context around the forward and backward of micro-batch ``index`` of ``num_micro`` in one
-        pass: where gradient reduction can wait for the last one, it waits."""
+        pass: where gradient reduction can wait for the last one, it waits. ``sync=False`` keeps
+        this rank's gradient local (scope "rank"; only where the backend allows it)."""
         return contextlib.nullcontext()
+
+    # Backends whose parameters are replicated can hold a different perturbation on every rank.
+    supports_rank_scope = False
+    supports_micro_mode = True
+
+    def stash_grads(self) -> list[Optional[Tensor]]:
+        """Take the accumulated gradients out (mode "micro": g' of the earlier micro-batches)."""
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in self._grad_params()]
+        self.zero_grad()
+        return grads
+
+    @torch.no_grad()
+    def unstash_grads(self, stash: list[Optional[Tensor]]) -> None:
+        for p, g in zip(self._grad_params(), stash, strict=True):
+            if g is not None:
+                p.grad.add_(g)
+
+    def _grad_params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
 
 class TensorBackend(Backend):

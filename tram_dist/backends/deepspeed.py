@@ -32,6 +32,8 @@ class DeepSpeedBackend(Backend):
 
     # True where engine.step() rewrites the write targets from fp32 masters after an update.
     master_rewrites_on_step = True
+    # Gradients are readable only at the engine's accumulation boundary, once per step.
+    supports_micro_mode = False
 
     def __init__(self, engine, group=None):
         super().__init__(engine, engine.optimizer, group if group is not None else engine.data_parallel_group)
@@ -55,6 +57,7 @@ class DeepSpeedBackend(Backend):
         return self.engine.module
 
     def validate(self, config) -> None:
+        super().validate(config)
         if self.engine.fp16_enabled():
             raise ValueError("fp16.enabled: fp16 loss scaling under DeepSpeed is not supported yet; "
                              "use bf16 or fp32")
@@ -73,7 +76,7 @@ class DeepSpeedBackend(Backend):
             raise ValueError(f"tram.step got {num_micro} micro-batch(es) but the DeepSpeed config has "
                              f"gradient_accumulation_steps={gas}: pass a list of {gas} micro-batches")
 
-    def micro_batch(self, index: int, num_micro: int):
+    def micro_batch(self, index: int, num_micro: int, sync: bool = True):
         # Each pass is one accumulation window: DeepSpeed's documented override makes only the
         # last micro-batch's backward a boundary (the gradient reduction), and TRAM calls
         # engine.step() once, after pass 2. Gradients are read only after pass 1's boundary.

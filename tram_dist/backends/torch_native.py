@@ -13,6 +13,7 @@ class LocalBackend(TensorBackend):
     """One process: every piece is a whole parameter; nothing to reduce."""
 
     name = "local"
+    supports_rank_scope = True
 
     def __init__(self, model: nn.Module, optimizer, group=None):
         super().__init__(model, optimizer, group=None)
@@ -27,6 +28,7 @@ class DDPBackend(TensorBackend):
     """
 
     name = "ddp"
+    supports_rank_scope = True
 
     def __init__(self, model: nn.Module, optimizer, group=None):
         super().__init__(model, optimizer, group if group is not None else model.process_group)
@@ -37,9 +39,9 @@ class DDPBackend(TensorBackend):
         # The inner module: a no-grad forward through DDP would broadcast buffers for nothing.
         return self.model.module
 
-    def micro_batch(self, index: int, num_micro: int):
+    def micro_batch(self, index: int, num_micro: int, sync: bool = True):
         # Accumulate locally and all-reduce once, with the last micro-batch's backward.
-        return self.model.no_sync() if index < num_micro - 1 else contextlib.nullcontext()
+        return self.model.no_sync() if index < num_micro - 1 or not sync else contextlib.nullcontext()
 
     @property
     def inner_module(self) -> nn.Module:
