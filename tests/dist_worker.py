@@ -29,7 +29,8 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
     lr = LR if args.optim == "adamw" else SGD_LR
     wrapped, optimizer = stacks.wrap(args.stack, args.variant, model, lr, args.dtype, args.optim, args.micro)
     tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[name], **json.loads(args.override)),
-                forward_fn=NaNInjector(args.inject, rank) if args.inject else None)
+                forward_fn=NaNInjector(args.inject, rank, args.inject_value) if args.inject else None,
+                scaler=stacks.make_scaler(args.stack) if args.scaler else None)
     metrics, counts, states = [], [], []
     ckpt = os.path.join(args.ckpt, name) if args.ckpt else None
     first = 0
@@ -51,6 +52,8 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
                 m = explicit_step(tram, wrapped, local[0])
             else:
                 m = tram.step(local if args.micro > 1 else local[0])
+        if args.scaler:
+            m["scale"] = tram.backend.grad_scale()
         metrics.append(m)
         counts.append({"counts": counter.counts, "elements": counter.elements})
     pieces = tram.backend.local_params()
@@ -67,17 +70,17 @@ class NaNInjector:
     spec "RANK:STEP:PASS": pass 1 or 2 counts the gradient-carrying forwards of the step (the
     no-grad target forwards are never touched)."""
 
-    def __init__(self, spec: str, rank: int):
+    def __init__(self, spec: str, rank: int, value: str = "nan"):
         self.rank, self.at_step, self.at_pass = (int(x) for x in spec.split(":"))
-        self.my_rank, self.step, self.calls = rank, -1, {}
+        self.my_rank, self.step, self.calls, self.value = rank, -1, {}, float(value)
 
     def __call__(self, model, batch):
         loss, logits = model(**batch)
         if torch.is_grad_enabled():
             n = self.calls[self.step] = self.calls.get(self.step, 0) + 1
             if (self.my_rank, self.step, n) == (self.rank, self.at_step, self.at_pass):
-                logits = logits * float("nan")
-                loss = loss * float("nan")
+                logits = logits * self.value
+                loss = loss * self.value
         return loss, logits
 
 
@@ -193,6 +196,8 @@ def main() -> None:
     p.add_argument("--explicit", action="store_true", help="drive the step with the explicit calls")
     p.add_argument("--override", default="{}", help="JSON of TRAMConfig fields set on every method")
     p.add_argument("--inject", default="", help="RANK:STEP:PASS where the logits turn NaN")
+    p.add_argument("--inject-value", default="nan", help="what the logits are multiplied by there (nan, inf)")
+    p.add_argument("--scaler", action="store_true", help="fp16 loss scaling (GradScaler / ShardedGradScaler)")
     p.add_argument("--ckpt", default="", help="checkpoint directory (one subdirectory per method)")
     p.add_argument("--save-at", type=int, default=0, help="save before this step and stop")
     p.add_argument("--resume", action="store_true", help="load the latest checkpoint, then go on")

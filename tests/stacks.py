@@ -31,6 +31,15 @@ def init_distributed(stack: str) -> None:
         dist.init_process_group("gloo")
 
 
+def make_scaler(stack: str):
+    """The loss scaler a user of the stack would pick (2^16 start, backoff 0.5)."""
+    if stack.startswith("fsdp"):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device="cpu", init_scale=2.0 ** 16)
+    return torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+
+
 def make_optimizer(params, lr: float, optim: str = "adamw"):
     return torch.optim.AdamW(params, lr=lr) if optim == "adamw" else torch.optim.SGD(params, lr=lr)
 

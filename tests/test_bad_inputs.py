@@ -41,6 +41,9 @@ LOCAL_CASES = {
     "no_base_optimizer": (lambda: TRAM(make_model(0), None, TRAMConfig()), r"optimizer: a torch optimizer"),
     "forward_fn_returns_four_things": (
         lambda: _step(_tram(forward_fn=lambda m, b: (*m(**b), None, None))), r"forward function must return \(loss, logits\)"),
+    "fp16_without_scaler": (
+        lambda: TRAM(make_model(0).half(), torch.optim.SGD(make_model(0).parameters(), lr=0.1), TRAMConfig(target=None)),
+        r"scaler: the model computes in float16, which needs loss scaling"),
     "mask_of_the_wrong_shape": (
         lambda: _step(_tram(TRAMConfig(target="noised_input"), forward_fn=lambda m, b: (*m(**b), torch.ones(3, dtype=torch.bool)))),
         r"mask \(3,\) must match the prediction shape \(8,\)"),

@@ -330,3 +330,34 @@ def test_rank_scope_parity_on_ddp(tmp_path, micro, mode):
         for rank, res in enumerate(results):
             diff = max((res[method]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
             assert diff <= FP32_TOL, f"{method} micro={micro} {mode} rank {rank}: off by {diff:.3g}"
+
+
+SCALER_STACKS = [("ddp", ""), ("fsdp1", "FULL_SHARD,orig"), ("fsdp2", "")]
+
+
+@pytest.mark.parametrize("stack,variant", SCALER_STACKS, ids=[s for s, _ in SCALER_STACKS])
+def test_loss_scaling_parity(tmp_path, stack, variant):
+    """Under a loss scaler (GradScaler; ShardedGradScaler on FSDP) the gradients carry the scale
+    2^16; TRAM reads them times 2^-16 (exact) and the scaler unscales g' for the update: the same
+    weights as the unscaled reference. The forward stays fp32 on CPU: what is tested is TRAM's
+    handling of scaled gradients and of the scaler, not fp16 arithmetic."""
+    methods = ("sam", "tram_noised", "tram_previous")
+    results = torchrun(tmp_path, "--stack", stack, "--variant", variant, "--scaler",
+                       "--methods", ",".join(methods), "--steps", str(STEPS))
+    assert_matches_reference(results, methods, FP32_TOL)
+
+
+@pytest.mark.parametrize("at_pass", [1, 2])
+@pytest.mark.parametrize("stack,variant", SCALER_STACKS, ids=[s for s, _ in SCALER_STACKS])
+def test_overflow_skips_the_step_on_every_rank_and_backs_off(tmp_path, stack, variant, at_pass):
+    """An inf in pass 1 or pass 2 on rank 1 only, at step 1: both ranks skip the whole step with
+    the weights bitwise unchanged, the scale halves (65536 -> 32768), and training goes on."""
+    results = torchrun(tmp_path, "--stack", stack, "--variant", variant, "--scaler", "--methods", "tram_previous",
+                       "--steps", "3", "--inject", f"1:1:{at_pass}", "--inject-value", "inf")
+    for rank, res in enumerate(results):
+        run = res["tram_previous"]
+        assert [m["skipped"] for m in run["metrics"]] == [0.0, 1.0, 0.0], (rank, run["metrics"])
+        assert [m["scale"] for m in run["metrics"]] == [65536.0, 32768.0, 32768.0]
+        before, after = run["states_before_step"][1], run["states_before_step"][2]
+        assert all(torch.equal(before[k], after[k]) for k in before), f"rank {rank}: the skipped step moved theta"
+        assert any(not torch.equal(after[k], run["state"][k]) for k in after), "training did not go on"

@@ -36,10 +36,11 @@ class TRAM:
 
     def __init__(self, model: Any, optimizer: Optional[torch.optim.Optimizer] = None,
                  config: Optional[TRAMConfig] = None, *, forward_fn: Optional[Callable] = None,
-                 embedding: Optional[nn.Module] = None, group=None):
+                 embedding: Optional[nn.Module] = None, group=None, scaler=None):
         self.config = config if config is not None else TRAMConfig()
         self.config.validate()
         self.backend = make_backend(model, optimizer, group)
+        self.backend.scaler = scaler
         self.backend.validate(self.config)
         self.forward_fn = forward_fn or default_forward
         self.noised: Optional[NoisedInput] = None
@@ -161,7 +162,8 @@ class TRAM:
         cfg, backend = self.config, self.backend
         thetas, grads = backend.local_params(), backend.local_grads()
         local = cfg.scope == "rank"  # e from this rank's own gradient and KL (per-rank m-sharpness)
-        sums = rules.local_sums(cfg.geometry, thetas, grads, cfg.eta, cfg.eta_f)
+        inv = 1.0 / backend.grad_scale()  # fp16: the gradients carry the loss scale
+        sums = rules.local_sums(cfg.geometry, thetas, grads, cfg.eta, cfg.eta_f, inv)
         sums = sums if local else sums * backend.norm_weight
         own = torch.cat([sums, self._partial.to(sums.device)]).cpu()
         packed = backend.all_reduce(own.clone().to(sums.device)).cpu()  # the step's one collective
@@ -173,13 +175,13 @@ class TRAM:
             # Every rank holds the same reduced values, so every rank skips alike: theta stays,
             # the gradients are dropped and descent_step makes no update.
             self._skip = True
-            backend.zero_grad()
+            backend.skip()
             self._partial.zero_()
             self._metrics.update(skipped=1.0, d=math.nan)
             return math.nan
         r = self._radius(packed)
         factor = rules.scale_factor(r, float(packed[rules.NORMALISER]), cfg.eps)
-        backend.load(rules.ascent(cfg.geometry, th, g, factor, cfg.eta, cfg.eta_f) for th, g in zip(thetas, grads))
+        backend.load(rules.ascent(cfg.geometry, th, g, factor, cfg.eta, cfg.eta_f, inv) for th, g in zip(thetas, grads))
         backend.zero_grad()
         count = float(packed[_KL_COUNT])
         self._metrics.update({
@@ -206,9 +208,13 @@ class TRAM:
             self.backend.zero_grad()
             self._metrics["skipped"] = 1.0
         else:
+            before = [t.clone() for t in self.snapshot.tensors] if self._snapshot_moves() else None
             if self.snapshot is not None:
                 self.snapshot.before_update(self.backend.local_params())
-            self.backend.step()
+            if not self.backend.step():  # an overflow in pass 2: the update was skipped
+                self._metrics["skipped"] = 1.0
+                if before is not None:
+                    self.snapshot.tensors = before
         self.step_count += 1
         self._started = self._skip = False
         self._held.clear()
@@ -251,6 +257,12 @@ class TRAM:
             self.snapshot.tensors = [t.to(device) for t in state["snapshot"]]
 
     # -- internals ---------------------------------------------------------------------------
+    def _snapshot_moves(self) -> bool:
+        """Whether to keep the snapshot's old value in case the update is skipped (loss scaling):
+        the refresh happens before the step, and a skipped update must not count as one."""
+        return (self.backend.scaler is not None and self.snapshot is not None
+                and self.snapshot.tensors is not None and self.snapshot.kind != "initial")
+
     def _begin(self) -> None:
         if not self._started:
             self._started = True

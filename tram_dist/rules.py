@@ -29,9 +29,12 @@ NORMALISER, GRAD_SQ, DIRECTION_SQ = 0, 1, 2
 NUM_SUMS = 3
 
 
-def direction(geometry: str, theta: Tensor, g: Tensor, eta: float, eta_f: float) -> tuple[Tensor, Tensor]:
-    """u and the per-entry terms of N for one local piece (both float32, shaped like g)."""
-    g = g.float()
+def direction(geometry: str, theta: Tensor, g: Tensor, eta: float, eta_f: float,
+              inv_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """u and the per-entry terms of N for one local piece (both float32, shaped like g).
+
+    inv_scale undoes a loss scale: g is read as g * inv_scale (exact for a power-of-two scale)."""
+    g = g.float() * inv_scale if inv_scale != 1.0 else g.float()
     if geometry == "sam":
         return g, g * g
     if geometry == "asam":
@@ -46,7 +49,7 @@ def direction(geometry: str, theta: Tensor, g: Tensor, eta: float, eta_f: float)
 
 
 def local_sums(geometry: str, thetas: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
-               eta: float, eta_f: float) -> Tensor:
+               eta: float, eta_f: float, inv_scale: float = 1.0) -> Tensor:
     """[N, sum g^2, sum u^2] over this rank's pieces, float64 on the first piece's device.
 
     float64 keeps the partial sums exact enough that the reduction order across ranks does not
@@ -57,9 +60,9 @@ def local_sums(geometry: str, thetas: Sequence[Tensor], grads: Sequence[Optional
     for theta, g in zip(thetas, grads):
         if g is None or g.numel() == 0:
             continue
-        u, n = direction(geometry, theta, g, eta, eta_f)
+        u, n = direction(geometry, theta, g, eta, eta_f, inv_scale)
         sums[NORMALISER] += n.sum(dtype=torch.float64)
-        sums[GRAD_SQ] += g.float().pow(2).sum(dtype=torch.float64)
+        sums[GRAD_SQ] += (g.float() * inv_scale).pow(2).sum(dtype=torch.float64)
         sums[DIRECTION_SQ] += u.pow(2).sum(dtype=torch.float64)
     return sums
 
@@ -70,11 +73,11 @@ def scale_factor(radius: float, normaliser: float, eps: float) -> float:
 
 
 def ascent(geometry: str, theta: Tensor, g: Optional[Tensor], factor: float, eta: float,
-           eta_f: float) -> Tensor:
+           eta_f: float, inv_scale: float = 1.0) -> Tensor:
     """theta + e for one local piece, float32; e = factor * u (zero where g is None)."""
     if g is None or g.numel() == 0:
         return theta.float().clone()
-    u, _ = direction(geometry, theta, g, eta, eta_f)
+    u, _ = direction(geometry, theta, g, eta, eta_f, inv_scale)
     return u.mul_(factor).add_(theta.float())
 
 

@@ -31,6 +31,7 @@ class Backend:
         self.model = model
         self.optimizer = optimizer
         self.group = group
+        self.scaler = None  # a torch GradScaler / ShardedGradScaler (fp16), set by TRAM
         self.world_size = dist.get_world_size(group) if _distributed() else 1
         self.rank = dist.get_rank(group) if _distributed() else 0
         self.norm_weight = 1.0
@@ -80,7 +81,19 @@ class Backend:
 
     def backward(self, loss: Tensor, num_micro: int) -> None:
         """Backward of one micro-batch's mean loss; gradients add up to the mean over the step."""
-        (loss / num_micro).backward()
+        loss = loss / num_micro
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def grad_scale(self) -> float:
+        """The loss scale the gradients carry (1 without fp16 loss scaling)."""
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def skip(self) -> None:
+        """A step skipped before the update (non-finite pass 1): drop the gradients and, under
+        loss scaling, back the scale off as an overflow would."""
+        self.zero_grad()
+        if self.scaler is not None:
+            self.scaler.update(new_scale=self.scaler.get_scale() * self.scaler.get_backoff_factor())
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -88,6 +101,8 @@ class Backend:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradient to a global norm of max_norm with the stack's own clipping; return the
         norm before clipping (the same on every rank)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
@@ -95,10 +110,19 @@ class Backend:
         """Make local_params() hold theta again before the update (and the snapshot refresh)."""
         self.restore()
 
-    def step(self) -> None:
-        """The base optimizer step with the gradient taken at theta + e."""
-        self.optimizer.step()
+    def step(self) -> bool:
+        """The base optimizer step with the gradient taken at theta + e; False if it was skipped
+        (a loss-scale overflow: the scaler skips the update on every rank alike and backs off)."""
+        applied = True
+        if self.scaler is not None:
+            before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = self.scaler.get_scale() >= before
+        else:
+            self.optimizer.step()
         self.zero_grad()
+        return applied
 
     # -- checkpoints ---------------------------------------------------------------------
     def is_loaded(self) -> bool:
@@ -135,6 +159,9 @@ class Backend:
 
     def validate(self, config) -> None:
         """Raise ValueError for a stack configuration TRAM cannot serve, before any collective."""
+        if self.scaler is None and self._computes_in_fp16():
+            raise ValueError("scaler: the model computes in float16, which needs loss scaling: pass "
+                             "scaler=torch.amp.GradScaler() (FSDP: ShardedGradScaler()) to TRAM")
         if config.scope == "rank" and not self.supports_rank_scope:
             raise ValueError(f"TRAMConfig.scope='rank' needs parameters replicated on every rank (local, DDP); "
                              f"the {self.name} backend shards them, so all ranks share one perturbation")
@@ -165,6 +192,12 @@ class Backend:
         for p, g in zip(self._grad_params(), stash, strict=True):
             if g is not None:
                 p.grad.add_(g)
+
+    def _computes_in_fp16(self) -> bool:
+        if any(p.dtype == torch.float16 for p in self.model.parameters()):
+            return True
+        mp = getattr(self.model, "mixed_precision", None)  # FSDP1
+        return getattr(mp, "param_dtype", None) == torch.float16
 
     def _grad_params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -57,10 +57,12 @@ class DeepSpeedBackend(Backend):
         return self.engine.module
 
     def validate(self, config) -> None:
-        super().validate(config)
+        if self.scaler is not None:
+            raise ValueError("scaler: a DeepSpeed engine scales its own loss; pass no scaler")
         if self.engine.fp16_enabled():
             raise ValueError("fp16.enabled: fp16 loss scaling under DeepSpeed is not supported yet; "
                              "use bf16 or fp32")
+        super().validate(config)
         if config.max_grad_norm is not None:
             self.clip_grad_norm(config.max_grad_norm)  # raises: the engine's config owns clipping
 
@@ -139,12 +141,16 @@ class DeepSpeedBackend(Backend):
         if not self.master_rewrites_on_step:
             self.restore()
 
-    def step(self) -> None:
+    def step(self) -> bool:
         self.engine.step()
         if self.engine.was_step_applied():
             self._loaded = False  # the engine rewrote every write target from the masters
-        else:
-            self.restore()  # a skipped step leaves theta + e in the bit16 weights
+            return True
+        self.restore()  # a skipped step leaves theta + e in the bit16 weights
+        return False
+
+    def skip(self) -> None:
+        self.zero_grad()
 
 
 class Zero0Backend(DeepSpeedBackend):

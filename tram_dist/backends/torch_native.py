@@ -91,6 +91,8 @@ class FSDP1Backend(TensorBackend):
 
 
     def clip_grad_norm(self, max_norm: float) -> float:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         return float(self.model.clip_grad_norm_(max_norm))  # a collective over the shards
 
 
