@@ -50,10 +50,12 @@ def wrap(stack: str, variant: str, model: nn.Module, lr: float, dtype: str = "fp
     if stack == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if dtype == "bf16":  # fp32 parameters, bf16 compute: the usual way to run DDP in bf16
+            model.forward = _autocast_bf16(model.forward)
         ddp = DistributedDataParallel(model)
         return ddp, make_optimizer(ddp.parameters(), lr, optim)
     if stack == "fsdp1":
-        return _fsdp1(model, variant, lr, optim)
+        return _fsdp1(model, variant, lr, optim, dtype)
     if stack == "fsdp2":
         return _fsdp2(model, variant, lr, dtype, optim)
     if stack.startswith("zero"):
@@ -61,13 +63,25 @@ def wrap(stack: str, variant: str, model: nn.Module, lr: float, dtype: str = "fp
     raise ValueError(stack)
 
 
-def _fsdp1(model, variant, lr, optim):
+def _autocast_bf16(forward):
+    def run(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    return run
+
+
+def _fsdp1(model, variant, lr, optim, dtype="fp32"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
 
     strategy, orig = variant.split(",")
     kwargs = dict(device_id=torch.device("cpu"), use_orig_params=(orig == "orig"),
                   sharding_strategy=ShardingStrategy[strategy])
+    if dtype == "bf16":
+        from torch.distributed.fsdp import MixedPrecision
+
+        kwargs["mixed_precision"] = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if strategy == "HYBRID_SHARD":
         # One replica of a 2-rank shard group. A (2, 1) mesh would test the replica logic, but
         # FSDP1 then does not average gradients across the replicas on gloo (the plain-gradient
@@ -175,6 +189,10 @@ def full_state(stack: str, wrapped) -> dict:
 
         if wrapped.zero_optimization_stage() == 0 and not wrapped.bfloat16_enabled():
             return {n: p.detach().clone() for n, p in wrapped.module.named_parameters()}  # no masters
+        if wrapped.zero_optimization_stage() == 0:  # bf16: the unfused optimizer's fp32 copies
+            opt = wrapped.optimizer
+            master = {id(p): m for ps, ms in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(ps, ms)}
+            return {n: master[id(p)].detach().clone() for n, p in wrapped.module.named_parameters()}
         return {n: safe_get_full_fp32_param(p).detach().clone() for n, p in wrapped.module.named_parameters()}
     raise ValueError(stack)
 

@@ -153,7 +153,8 @@ def test_one_packed_all_reduce_per_step(tmp_path_factory, stack, variant):
 EXTRA_GATHER_ELEMENTS = {("zero1", ""): 452, ("zero2", ""): 452, ("zero3", "default_threshold"): 452}
 
 
-BF16_STACKS = [("fsdp2", ""), ("zero2", ""), ("zero3", "")]
+BF16_STACKS = [("ddp", ""), ("fsdp1", "FULL_SHARD,orig"), ("fsdp2", ""), ("zero0", ""), ("zero1", ""),
+               ("zero2", ""), ("zero3", "")]
 BF16_METHODS = ("sam", "tram_noised", "tram_previous")
 # bf16 tolerance. The forward runs in bf16 (unit roundoff u = 2^-8 = 3.9e-3) with fp32
 # accumulation, so each gradient entry is off by about u times its size (entries here are
@@ -166,6 +167,8 @@ BF16_TOL = 2e-3
 
 @pytest.mark.parametrize("stack,variant", BF16_STACKS, ids=[s for s, _ in BF16_STACKS])
 def test_parity_bf16(tmp_path, stack, variant):
+    """bf16 on every backend: DDP under autocast, FSDP1 MixedPrecision, FSDP2 MixedPrecisionPolicy
+    (fp32 parameters or shards, bf16 compute), and DeepSpeed's bf16 (bf16 weights, fp32 masters)."""
     results = torchrun(tmp_path, "--stack", stack, "--variant", variant, "--dtype", "bf16", "--optim", "sgd",
                        "--methods", ",".join(BF16_METHODS), "--steps", str(STEPS))
     # DeepSpeed builds its fp32 masters from the bf16-cast model; FSDP2 keeps fp32 shards.
