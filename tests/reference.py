@@ -73,10 +73,11 @@ def _clip(params, clip):
 
 
 def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, optim: str = "adamw",
-                  bf16_init: bool = False, clip: float = 0.0):
+                  bf16_init: bool = False, clip: float = 0.0, init_dtype=None):
     """Train `steps` TRAM steps on the full batch. Returns (state_dict, per-step metrics).
 
-    bf16_init starts from bf16-rounded weights, as DeepSpeed's fp32 masters do under bf16."""
+    bf16_init (or init_dtype) starts from weights rounded to that dtype, as DeepSpeed's fp32 masters
+    do under bf16 or fp16."""
     geometry = method.get("geometry", "asam")
     target = method.get("target", "noised_input")
     rho = method.get("rho")
@@ -85,10 +86,11 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
     sigma, direction = method.get("sigma", 0.1), method.get("divergence", "forward")
     decay, seed = method.get("ema_decay", 0.99), method.get("seed", 0)
     model = make_model(0)
-    if bf16_init:
+    init_dtype = torch.bfloat16 if bf16_init else init_dtype
+    if init_dtype is not None:
         with torch.no_grad():
             for p in model.parameters():
-                p.copy_(p.to(torch.bfloat16).float())
+                p.copy_(p.to(init_dtype).float())
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=LR) if optim == "adamw" else torch.optim.SGD(params, lr=SGD_LR)
     gens = [torch.Generator().manual_seed(seed + r) for r in range(world)]

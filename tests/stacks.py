@@ -116,7 +116,7 @@ def _deepspeed(model, stage, variant, lr, dtype, optim, micro=1):
         "zero_allow_untested_optimizer": True,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": dtype == "bf16"},
-        "fp16": {"enabled": dtype == "fp16"},
+        "fp16": {"enabled": dtype == "fp16", "initial_scale_power": 16, "hysteresis": 1},
     }
     if variant == "clip":  # an existing config's clipping must act on the descent gradient
         cfg["gradient_clipping"] = CLIP

@@ -364,3 +364,42 @@ def test_overflow_skips_the_step_on_every_rank_and_backs_off(tmp_path, stack, va
         before, after = run["states_before_step"][1], run["states_before_step"][2]
         assert all(torch.equal(before[k], after[k]) for k in before), f"rank {rank}: the skipped step moved theta"
         assert any(not torch.equal(after[k], run["state"][k]) for k in after), "training did not go on"
+
+
+# fp16 tolerance, derived as for bf16 with fp16's unit roundoff u = 2^-11 = 4.9e-4:
+# 3 steps * lr 0.5 * u * 0.35 = 2.6e-4 (measured: at most 8.2e-5).
+FP16_TOL = 2.6e-4
+
+
+@pytest.mark.parametrize("stack", ["zero2", "zero3"])
+def test_deepspeed_fp16_parity(tmp_path, stack):
+    """DeepSpeed fp16 with its dynamic loss scaler (2^16): TRAM reads the fragments times
+    1/loss_scale; the fp16 run matches the fp32 reference from fp16-rounded weights with SGD."""
+    methods = ("sam", "tram_previous")
+    results = torchrun(tmp_path, "--stack", stack, "--dtype", "fp16", "--optim", "sgd",
+                       "--methods", ",".join(methods), "--steps", str(STEPS))
+    for method in methods:
+        ref_state, _ = reference_run(METHODS[method], STEPS, optim="sgd", init_dtype=torch.float16)
+        plain, _ = reference_run(dict(METHODS[method], target=None, rho=0.0), STEPS, optim="sgd",
+                                 init_dtype=torch.float16)
+        assert max((plain[k] - v).abs().max().item() for k, v in ref_state.items()) >= 2 * FP16_TOL
+        for rank, res in enumerate(results):
+            diff = max((res[method]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
+            assert diff <= FP16_TOL, f"{stack} {method} rank {rank}: fp16 weights off by {diff:.3g}"
+
+
+@pytest.mark.parametrize("at_pass", [1, 2])
+@pytest.mark.parametrize("stack", ["zero2", "zero3"])
+def test_deepspeed_fp16_overflow_skips_on_every_rank(tmp_path, stack, at_pass):
+    """An inf on rank 1 only in pass 1 (TRAM skips and backs DeepSpeed's scaler off) or pass 2
+    (engine.step skips, TRAM restores theta): both ranks skip, weights bitwise unchanged, the
+    loss scale halves (hysteresis 1), training goes on."""
+    results = torchrun(tmp_path, "--stack", stack, "--dtype", "fp16", "--optim", "sgd", "--methods", "tram_previous",
+                       "--steps", "3", "--inject", f"1:1:{at_pass}", "--inject-value", "inf")
+    for rank, res in enumerate(results):
+        run = res["tram_previous"]
+        assert [m["skipped"] for m in run["metrics"]] == [0.0, 1.0, 0.0], (rank, run["metrics"])
+        assert [m["scale"] for m in run["metrics"]] == [65536.0, 32768.0, 32768.0]
+        before, after = run["states_before_step"][1], run["states_before_step"][2]
+        assert all(torch.equal(before[k], after[k]) for k in before), f"rank {rank}: the skipped step moved theta"
+        assert any(not torch.equal(after[k], run["state"][k]) for k in after), "training did not go on"

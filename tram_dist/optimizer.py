@@ -260,7 +260,7 @@ class TRAM:
     def _snapshot_moves(self) -> bool:
         """Whether to keep the snapshot's old value in case the update is skipped (loss scaling):
         the refresh happens before the step, and a skipped update must not count as one."""
-        return (self.backend.scaler is not None and self.snapshot is not None
+        return (self.backend.update_may_skip() and self.snapshot is not None
                 and self.snapshot.tensors is not None and self.snapshot.kind != "initial")
 
     def _begin(self) -> None:

@@ -88,6 +88,10 @@ class Backend:
         """The loss scale the gradients carry (1 without fp16 loss scaling)."""
         return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
 
+    def update_may_skip(self) -> bool:
+        """Whether step() may skip the update (loss-scale overflow)."""
+        return self.scaler is not None
+
     def skip(self) -> None:
         """A step skipped before the update (non-finite pass 1): drop the gradients and, under
         loss scaling, back the scale off as an overflow would."""

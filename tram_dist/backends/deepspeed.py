@@ -59,9 +59,9 @@ class DeepSpeedBackend(Backend):
     def validate(self, config) -> None:
         if self.scaler is not None:
             raise ValueError("scaler: a DeepSpeed engine scales its own loss; pass no scaler")
-        if self.engine.fp16_enabled():
-            raise ValueError("fp16.enabled: fp16 loss scaling under DeepSpeed is not supported yet; "
-                             "use bf16 or fp32")
+        if self.engine.fp16_enabled() and self.stage == 0:
+            raise ValueError("fp16.enabled: fp16 under DeepSpeed ZeRO stage 0 is not supported (its fused "
+                             "FP16_Optimizer keeps its masters in another layout); use ZeRO 1-3, or bf16")
         super().validate(config)
         if config.max_grad_norm is not None:
             self.clip_grad_norm(config.max_grad_norm)  # raises: the engine's config owns clipping
@@ -149,8 +149,20 @@ class DeepSpeedBackend(Backend):
         self.restore()  # a skipped step leaves theta + e in the bit16 weights
         return False
 
+    def grad_scale(self) -> float:
+        # fp16: the gradient fragments carry DeepSpeed's dynamic loss scale until engine.step()
+        return float(self.engine.optimizer.loss_scale) if self.engine.fp16_enabled() else 1.0
+
+    def update_may_skip(self) -> bool:
+        return self.engine.fp16_enabled()
+
+    def _computes_in_fp16(self) -> bool:
+        return False  # the engine owns its loss scaling
+
     def skip(self) -> None:
         self.zero_grad()
+        if self.engine.fp16_enabled():  # an overflow in pass 1: DeepSpeed's scaler backs off as usual
+            self.engine.optimizer.loss_scaler.update_scale(True)
 
 
 class Zero0Backend(DeepSpeedBackend):
