@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import importlib
-import json
 import sys
 
 import torch
@@ -18,6 +17,27 @@ from torch import nn
 CLIP = 0.05  # small enough that every step of the tiny model clips
 
 
+def init_process_group(backend: str = "gloo") -> None:
+    """init_process_group, keyed by the torchrun attempt when the agent's store is reused.
+
+    Under torchrun's c10d rendezvous the workers share the agent's TCPStore across restarts
+    (torch creates no per-attempt prefix there), so a restarted rank can read the dead attempt's
+    gloo addresses and fail with "Connection refused" (seen under load). A PrefixStore per
+    attempt gives every attempt fresh keys."""
+    import os
+    from datetime import timedelta
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend)
+        return
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timedelta(minutes=5))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"/tram_attempt_{attempt}", store),
+                            rank=rank, world_size=world)
+
+
 def init_distributed(stack: str) -> None:
     if stack.startswith("zero"):
         # Skip the ~100 s JIT build of a shared-memory op only inference_all_reduce uses
@@ -26,9 +46,10 @@ def init_distributed(stack: str) -> None:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_process_group("gloo")
+        deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group above
     else:
-        dist.init_process_group("gloo")
+        init_process_group("gloo")
 
 
 def make_scaler(stack: str):

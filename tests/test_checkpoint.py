@@ -73,17 +73,13 @@ def test_killed_rank_restarts_from_the_last_complete_checkpoint(tmp_path, stack)
     written, the stack's checkpoint and `latest` not). The restarted job loads step 2, the last
     complete checkpoint, never the half-written step 4, and finishes at the 6-step reference."""
     ckpt = tmp_path / "ckpt"
-    # max_restarts=2: once in a full-suite run (not alone) a ZeRO-3 restart's gloo mesh failed to
-    # connect ("Connection refused" in connectFullMesh) and needed one more restart; that race is
-    # in re-forming the process group, not in what is resumed, which the asserts below pin down.
+    # The worker keys its process group by attempt (stacks.init_process_group): without that,
+    # the restarted ranks raced the dead attempt's gloo addresses in the agent's store.
     results = torchrun(tmp_path / "out", "--stack", stack, "--fault", "--methods", "tram_previous",
-                       "--steps", "6", "--ckpt", str(ckpt), max_restarts=2)
+                       "--steps", "6", "--ckpt", str(ckpt), max_restarts=1)
     ref_state, _ = reference_run(METHODS["tram_previous"], 6)
     for rank, res in enumerate(results):
-        first_restart_ok = res["attempt"] == 1
-        assert res["attempt"] >= 1, res["attempt"]
-        assert res["resumed_from"] == "step2" if first_restart_ok else res["resumed_from"] in ("step2", "step4"), (
-            rank, res["attempt"], res["resumed_from"])
+        assert res["attempt"] == 1 and res["resumed_from"] == "step2", (rank, res["attempt"], res["resumed_from"])
         diff = max((res["tram_previous"]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
         assert diff <= 1e-6, f"rank {rank}: off by {diff:.3g}"
     assert (ckpt / "latest").read_text() == "step6"

@@ -145,7 +145,7 @@ def test_plain_step_leaves_theta_exactly_when_lr_zero():
 @pytest.mark.parametrize("field,value,allowed", [
     ("geometry", "adam", "sam"), ("target", "prev", "previous"), ("divergence", "js", "symmetric"),
     ("noise", "gauss", "uniform"), ("rho", -1.0, ">= 0"), ("sigma", float("nan"), ">= 0"),
-    ("ema_decay", 1.0, "(0.0, 1.0)"), ("rho_max", -0.1, ">= 0"), ("mode", "micro", "global"),
+    ("ema_decay", 1.0, "(0.0, 1.0)"), ("rho_max", -0.1, ">= 0"), ("mode", "batch", "micro"), ("scope", "node", "rank"),
 ])
 def test_config_errors_name_the_field_and_the_allowed_values(field, value, allowed):
     with pytest.raises(ValueError) as err:

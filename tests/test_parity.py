@@ -7,21 +7,18 @@ order 0.1-1 after 3 AdamW steps; a wrong shard, norm or radius moves weights by 
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from launcher import torchrun
+from checks import FP32_TOL, STEPS, assert_matches_reference, assert_plain_grads, max_diff, reference
 from reference import reference_run
 from stacks import CLIP
 from tiny import LR, METHODS, make_batches, make_model
 
 from tram_dist import TRAM, TRAMConfig
 
-STEPS = 3
 PARITY_METHODS = tuple(METHODS)  # sam, asam, fisher, and TRAM with each target
-FP32_TOL = 1e-6
 
 STACKS = [
     ("ddp", ""),
@@ -37,44 +34,6 @@ STACKS = [
 ]
 
 _reference_cache: dict = {}
-
-
-def reference(method: str, world: int = 2):
-    key = (method, world)
-    if key not in _reference_cache:
-        _reference_cache[key] = reference_run(METHODS[method], STEPS, world=world)
-    return _reference_cache[key]
-
-
-def assert_plain_grads(results: list[dict], tol: float) -> None:
-    """Before any TRAM: the stack's own averaged gradient equals the full-batch gradient
-    (guards against e.g. a stack that sums instead of averaging, pytorch#162338)."""
-    model = make_model(0)
-    loss, _ = model(**make_batches(1)[0])
-    loss.backward()
-    for rank, res in enumerate(results):
-        for name, p in model.named_parameters():
-            diff = (res["plain_grads"][name].float() - p.grad).abs().max().item()
-            assert diff <= tol, f"rank {rank}: plain gradient of {name} differs by {diff:.3g}"
-
-
-def assert_matches_reference(results: list[dict], methods, tol: float) -> None:
-    for method in methods:
-        ref_state, ref_metrics = reference(method)
-        for rank, res in enumerate(results):
-            got = res[method]
-            for name, want in ref_state.items():
-                diff = (got["state"][name].float() - want).abs().max().item()
-                assert diff <= tol, f"{method} rank {rank}: {name} differs by {diff:.3g} (tol {tol:g})"
-            # d = scale * KL; the KL of two close distributions is a difference of log-probs
-            # (fp32 ulp ~1.2e-7 near log(1/3)), so its absolute error is ~2.5e-7 times scale.
-            d_tol = max(tol, METHODS[method].get("scale", 1.0) * 2.5e-7)
-            for step, (m, r) in enumerate(zip(got["metrics"], ref_metrics)):
-                if not r:  # a plain step (interval > 1) has no radius
-                    continue
-                assert m["d"] == pytest.approx(r["d"], rel=1e-5, abs=d_tol), f"{method} step {step} d"
-                for key in ("loss", "grad_norm"):
-                    assert m[key] == pytest.approx(r[key], rel=1e-5, abs=tol), f"{method} step {step} {key}"
 
 
 @pytest.mark.parametrize("method", PARITY_METHODS)
@@ -177,10 +136,10 @@ def test_parity_bf16(tmp_path, stack, variant):
         ref_state, ref_metrics = reference_run(METHODS[method], STEPS, optim="sgd", bf16_init=bf16_init)
         plain_state, _ = reference_run(dict(METHODS[method], target=None, rho=0.0), STEPS, optim="sgd",
                                        bf16_init=bf16_init)
-        effect = max((plain_state[k] - v).abs().max().item() for k, v in ref_state.items())
+        effect = max_diff(plain_state, ref_state)
         assert effect >= 2 * BF16_TOL, f"{method}: TRAM moves the weights by only {effect:.2g}"
         for rank, res in enumerate(results):
-            diff = max((res[method]["state"][k].float() - v).abs().max().item() for k, v in ref_state.items())
+            diff = max_diff(res[method]["state"], ref_state)
             assert diff <= BF16_TOL, f"{stack} {method} rank {rank}: bf16 weights off by {diff:.3g}"
             for m, r in zip(res[method]["metrics"], ref_metrics):
                 assert m["d"] == pytest.approx(r["d"], rel=0.03)
@@ -204,9 +163,9 @@ def test_deepspeed_gradient_clipping_acts_on_the_descent_gradient(tmp_path):
     for method in methods:
         ref_state, _ = reference_run(METHODS[method], STEPS, clip=CLIP)
         unclipped, _ = reference_run(METHODS[method], STEPS)
-        assert max((unclipped[k] - v).abs().max().item() for k, v in ref_state.items()) > 100 * FP32_TOL
+        assert max_diff(unclipped, ref_state) > 100 * FP32_TOL
         for res in results:
-            diff = max((res[method]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
+            diff = max_diff(res[method]["state"], ref_state)
             assert diff <= FP32_TOL, f"{method}: clipped weights off by {diff:.3g}"
 
 
@@ -225,181 +184,10 @@ def test_accumulation_parity(tmp_path, stack, variant):
     for method in ACCUM_METHODS:
         ref_state, _ = reference_run(METHODS[method], STEPS, micro=2)
         for rank, res in enumerate(results):
-            diff = max((res[method]["state"][k].float() - v).abs().max().item() for k, v in ref_state.items())
+            diff = max_diff(res[method]["state"], ref_state)
             assert diff <= FP32_TOL, f"{stack} {variant} {method} rank {rank}: off by {diff:.3g}"
     if stack == "ddp":  # no_sync: one gradient all-reduce per pass, plus the packed one
         assert results[0]["sam"]["collectives"][-1]["counts"] == {ALL_REDUCE: 3}
 
 
 
-@pytest.mark.parametrize("stack,variant", [("ddp", ""), ("fsdp1", "FULL_SHARD,orig"), ("fsdp2", "")],
-                         ids=["ddp", "fsdp1", "fsdp2"])
-def test_interval_and_clipping_on_torch_backends(tmp_path, stack, variant):
-    """interval=2 (TRAM every other step) and max_grad_norm clipping g' through the backend's
-    own clipping (FSDP1's clip_grad_norm_, DTensor norms on FSDP2), against the reference."""
-    methods = ("sam", "tram_previous", "tram_interval")
-    results = torchrun(tmp_path, "--stack", stack, "--variant", variant, "--methods", ",".join(methods),
-                       "--steps", "4", "--override", json.dumps({"max_grad_norm": CLIP}))
-    for method in methods:
-        ref_state, _ = reference_run(METHODS[method], 4, clip=CLIP)
-        for rank, res in enumerate(results):
-            diff = max((res[method]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
-            assert diff <= FP32_TOL, f"{stack} {method} rank {rank}: off by {diff:.3g}"
-        assert [m["tram"] for m in results[0][method]["metrics"]] == (
-            [1.0, 0.0, 1.0, 0.0] if method == "tram_interval" else [1.0] * 4)
-
-
-def test_interval_under_deepspeed(tmp_path):
-    results = torchrun(tmp_path, "--stack", "zero3", "--methods", "tram_interval", "--steps", "4")
-    ref_state, _ = reference_run(METHODS["tram_interval"], 4)
-    for res in results:
-        assert max((res["tram_interval"]["state"][k] - v).abs().max().item() for k, v in ref_state.items()) <= FP32_TOL
-
-
-@pytest.mark.parametrize("stack,at_pass", [("ddp", 1), ("fsdp2", 1), ("fsdp2", 2), ("zero3", 1), ("zero2", 1)])
-def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, stack, at_pass):
-    """NaN logits on rank 1 only, at step 1, in pass 1 (seen through the packed all-reduce) or in
-    pass 2 (seen through the global norm of the clipping): both ranks skip that step with theta
-    bitwise unchanged, nobody hangs, and training goes on."""
-    override = {"max_grad_norm": 1e6} if at_pass == 2 else {}
-    results = torchrun(tmp_path, "--stack", stack, "--methods", "tram_noised", "--steps", "3",
-                       "--inject", f"1:1:{at_pass}", "--override", json.dumps(override))
-    for rank, res in enumerate(results):
-        run = res["tram_noised"]
-        assert [m["skipped"] for m in run["metrics"]] == [0.0, 1.0, 0.0], (rank, run["metrics"])
-        before, after = run["states_before_step"][1], run["states_before_step"][2]
-        assert all(torch.equal(before[k], after[k]) for k in before), f"rank {rank}: the skipped step moved theta"
-        final = run["state"]
-        assert all(torch.isfinite(v).all() for v in final.values())
-        assert any(not torch.equal(after[k], final[k]) for k in after), "training did not go on"
-
-
-
-RESUME_METHODS = ("tram_noised", "tram_previous", "tram_initial", "tram_ema", "tram_fisher")
-
-
-@pytest.mark.parametrize("stack", ["ddp", "fsdp2", "zero3"])
-def test_resume_equals_straight_run(tmp_path, stack):
-    """3 steps, save, fresh processes, load, 3 more steps == 6 steps straight (the reference),
-    for every target: the snapshot shards, the noise generator and TRAM-Fisher's carried KL
-    come back with the stack's own model and optimizer state."""
-    ckpt = tmp_path / "ckpt"
-    common = ["--stack", stack, "--methods", ",".join(RESUME_METHODS), "--steps", "6", "--ckpt", str(ckpt)]
-    torchrun(tmp_path / "first", *common, "--save-at", "3")
-    for method in RESUME_METHODS:
-        assert (ckpt / method / "latest").read_text() == "step3"
-        assert sorted(p.name for p in (ckpt / method / "step3").glob("tram_rank*.pt")) == ["tram_rank0.pt", "tram_rank1.pt"]
-    results = torchrun(tmp_path / "second", *common, "--resume")
-    for method in RESUME_METHODS:
-        ref_state, _ = reference_run(METHODS[method], 6)
-        for rank, res in enumerate(results):
-            diff = max((res[method]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
-            assert diff <= FP32_TOL, f"{stack} {method} rank {rank}: resumed run off by {diff:.3g}"
-
-
-MICRO_METHODS = ("sam", "asam", "tram_noised", "tram_previous")
-
-
-@pytest.mark.parametrize("stack,variant", [("ddp", ""), ("fsdp1", "FULL_SHARD,orig"), ("fsdp2", "")],
-                         ids=["ddp", "fsdp1", "fsdp2"])
-def test_micro_mode_parity(tmp_path, stack, variant):
-    """mode="micro": each micro-batch (of all ranks) gets its own e from its own gradient and KL;
-    g' is the mean over micro-batches; against the reference's per-micro-batch groups."""
-    results = torchrun(tmp_path, "--stack", stack, "--variant", variant, "--micro", "2",
-                       "--methods", ",".join(MICRO_METHODS), "--steps", str(STEPS),
-                       "--override", json.dumps({"mode": "micro"}))
-    for method in MICRO_METHODS:
-        ref_state, _ = reference_run(dict(METHODS[method], mode="micro"), STEPS, micro=2)
-        global_state, _ = reference_run(METHODS[method], STEPS, micro=2)
-        assert max((global_state[k] - v).abs().max().item() for k, v in ref_state.items()) > 100 * FP32_TOL
-        for rank, res in enumerate(results):
-            diff = max((res[method]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
-            assert diff <= FP32_TOL, f"{stack} {method} rank {rank}: off by {diff:.3g}"
-
-
-@pytest.mark.parametrize("micro,mode", [(1, "global"), (2, "global"), (2, "micro")])
-def test_rank_scope_parity_on_ddp(tmp_path, micro, mode):
-    """scope="rank" on DDP: every rank perturbs with its own gradient and KL (pass 1 under
-    no_sync), g' is DDP's average of the ranks' gradients at their own theta + e_r.
-
-    SGD, not AdamW: with 4-row local gradients, ASAM's rho=0.5 step leaves an embedding row
-    whose gradient is ~1e-9 in one summation order and 0 in the other, and AdamW's epsilon
-    regime turns that into 8e-6 at step 2 (seen here; with SGD the same run matches to 6e-8)."""
-    fields = {"scope": "rank", "mode": mode}
-    results = torchrun(tmp_path, "--stack", "ddp", "--micro", str(micro), "--methods", ",".join(MICRO_METHODS),
-                       "--steps", str(STEPS), "--override", json.dumps(fields), "--optim", "sgd")
-    for method in MICRO_METHODS:
-        ref_state, _ = reference_run(dict(METHODS[method], **fields), STEPS, micro=micro, optim="sgd")
-        for rank, res in enumerate(results):
-            diff = max((res[method]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
-            assert diff <= FP32_TOL, f"{method} micro={micro} {mode} rank {rank}: off by {diff:.3g}"
-
-
-SCALER_STACKS = [("ddp", ""), ("fsdp1", "FULL_SHARD,orig"), ("fsdp2", "")]
-
-
-@pytest.mark.parametrize("stack,variant", SCALER_STACKS, ids=[s for s, _ in SCALER_STACKS])
-def test_loss_scaling_parity(tmp_path, stack, variant):
-    """Under a loss scaler (GradScaler; ShardedGradScaler on FSDP) the gradients carry the scale
-    2^16; TRAM reads them times 2^-16 (exact) and the scaler unscales g' for the update: the same
-    weights as the unscaled reference. The forward stays fp32 on CPU: what is tested is TRAM's
-    handling of scaled gradients and of the scaler, not fp16 arithmetic."""
-    methods = ("sam", "tram_noised", "tram_previous")
-    results = torchrun(tmp_path, "--stack", stack, "--variant", variant, "--scaler",
-                       "--methods", ",".join(methods), "--steps", str(STEPS))
-    assert_matches_reference(results, methods, FP32_TOL)
-
-
-@pytest.mark.parametrize("at_pass", [1, 2])
-@pytest.mark.parametrize("stack,variant", SCALER_STACKS, ids=[s for s, _ in SCALER_STACKS])
-def test_overflow_skips_the_step_on_every_rank_and_backs_off(tmp_path, stack, variant, at_pass):
-    """An inf in pass 1 or pass 2 on rank 1 only, at step 1: both ranks skip the whole step with
-    the weights bitwise unchanged, the scale halves (65536 -> 32768), and training goes on."""
-    results = torchrun(tmp_path, "--stack", stack, "--variant", variant, "--scaler", "--methods", "tram_previous",
-                       "--steps", "3", "--inject", f"1:1:{at_pass}", "--inject-value", "inf")
-    for rank, res in enumerate(results):
-        run = res["tram_previous"]
-        assert [m["skipped"] for m in run["metrics"]] == [0.0, 1.0, 0.0], (rank, run["metrics"])
-        assert [m["scale"] for m in run["metrics"]] == [65536.0, 32768.0, 32768.0]
-        before, after = run["states_before_step"][1], run["states_before_step"][2]
-        assert all(torch.equal(before[k], after[k]) for k in before), f"rank {rank}: the skipped step moved theta"
-        assert any(not torch.equal(after[k], run["state"][k]) for k in after), "training did not go on"
-
-
-# fp16 tolerance, derived as for bf16 with fp16's unit roundoff u = 2^-11 = 4.9e-4:
-# 3 steps * lr 0.5 * u * 0.35 = 2.6e-4 (measured: at most 8.2e-5).
-FP16_TOL = 2.6e-4
-
-
-@pytest.mark.parametrize("stack", ["zero2", "zero3"])
-def test_deepspeed_fp16_parity(tmp_path, stack):
-    """DeepSpeed fp16 with its dynamic loss scaler (2^16): TRAM reads the fragments times
-    1/loss_scale; the fp16 run matches the fp32 reference from fp16-rounded weights with SGD."""
-    methods = ("sam", "tram_previous")
-    results = torchrun(tmp_path, "--stack", stack, "--dtype", "fp16", "--optim", "sgd",
-                       "--methods", ",".join(methods), "--steps", str(STEPS))
-    for method in methods:
-        ref_state, _ = reference_run(METHODS[method], STEPS, optim="sgd", init_dtype=torch.float16)
-        plain, _ = reference_run(dict(METHODS[method], target=None, rho=0.0), STEPS, optim="sgd",
-                                 init_dtype=torch.float16)
-        assert max((plain[k] - v).abs().max().item() for k, v in ref_state.items()) >= 2 * FP16_TOL
-        for rank, res in enumerate(results):
-            diff = max((res[method]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
-            assert diff <= FP16_TOL, f"{stack} {method} rank {rank}: fp16 weights off by {diff:.3g}"
-
-
-@pytest.mark.parametrize("at_pass", [1, 2])
-@pytest.mark.parametrize("stack", ["zero2", "zero3"])
-def test_deepspeed_fp16_overflow_skips_on_every_rank(tmp_path, stack, at_pass):
-    """An inf on rank 1 only in pass 1 (TRAM skips and backs DeepSpeed's scaler off) or pass 2
-    (engine.step skips, TRAM restores theta): both ranks skip, weights bitwise unchanged, the
-    loss scale halves (hysteresis 1), training goes on."""
-    results = torchrun(tmp_path, "--stack", stack, "--dtype", "fp16", "--optim", "sgd", "--methods", "tram_previous",
-                       "--steps", "3", "--inject", f"1:1:{at_pass}", "--inject-value", "inf")
-    for rank, res in enumerate(results):
-        run = res["tram_previous"]
-        assert [m["skipped"] for m in run["metrics"]] == [0.0, 1.0, 0.0], (rank, run["metrics"])
-        assert [m["scale"] for m in run["metrics"]] == [65536.0, 32768.0, 32768.0]
-        before, after = run["states_before_step"][1], run["states_before_step"][2]
-        assert all(torch.equal(before[k], after[k]) for k in before), f"rank {rank}: the skipped step moved theta"
-        assert any(not torch.equal(after[k], run["state"][k]) for k in after), "training did not go on"

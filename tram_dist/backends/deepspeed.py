@@ -21,7 +21,6 @@ import contextlib
 from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .base import Backend
