@@ -14,7 +14,7 @@ from launcher import torchrun
 from checks import FP32_TOL, STEPS, assert_matches_reference, assert_plain_grads, max_diff, reference
 from reference import reference_run
 from stacks import CLIP
-from tiny import LR, METHODS, make_batches, make_model
+from tiny import LR, METHODS, make_batches, make_model, micro_batches
 
 from tram_dist import TRAM, TRAMConfig
 
@@ -49,6 +49,17 @@ def test_local_parity(method):
     for m, r in zip(metrics, ref_metrics):
         if r:  # a plain step (interval > 1) has no radius
             assert m["d"] == pytest.approx(r["d"], rel=1e-5, abs=d_tol)
+
+
+@pytest.mark.parametrize("method", ("sam", "tram_noised", "tram_previous", "tram_fisher"))
+def test_local_accumulation_parity(method):
+    """One process, a list of 2 micro-batches per step: one perturbation from both."""
+    model = make_model(0)
+    tram = TRAM(model, torch.optim.AdamW(model.parameters(), lr=LR), TRAMConfig(**METHODS[method]))
+    for b in make_batches(STEPS):
+        tram.step(micro_batches(b, 2))
+    ref_state, _ = reference_run(METHODS[method], STEPS, world=1, micro=2)
+    assert max_diff(dict(model.named_parameters()), ref_state) <= FP32_TOL
 
 
 _runs: dict = {}
