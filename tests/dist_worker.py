@@ -184,6 +184,21 @@ def fault_run(args, rank: int, world: int) -> dict:
     return {name: {"state": stacks.full_state(args.stack, wrapped)}, "attempt": attempt, "resumed_from": resumed}
 
 
+def ds_config_run(args, rank: int, world: int) -> dict:
+    """3 TRAM steps (2 micro-batches each) through an engine built from a ds_configs/ file."""
+    model = make_model(0)
+    engine = stacks.engine_from_config(model, args.ds_config, micro=2, micro_batch=2)
+    tram = TRAM(engine, None, TRAMConfig(**METHODS["tram_noised"]))
+    start = stacks.full_state("zero", engine)
+    metrics = []
+    for batch in make_batches(3):
+        m = tram.step(micro_batches(shard(batch, rank, world), 2))
+        m["scale"] = tram.backend.grad_scale()
+        metrics.append(m)
+    return {"metrics": metrics, "start": start, "state": stacks.full_state("zero", engine),
+            "stage": engine.zero_optimization_stage(), "fp16": engine.fp16_enabled(), "bf16": engine.bfloat16_enabled()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--stack", required=True)
@@ -202,14 +217,16 @@ def main() -> None:
     p.add_argument("--save-at", type=int, default=0, help="save before this step and stop")
     p.add_argument("--resume", action="store_true", help="load the latest checkpoint, then go on")
     p.add_argument("--fault", action="store_true", help="the kill-and-restart run (see fault_run)")
+    p.add_argument("--ds-config", default="", help="a ds_configs/ file to train with (see ds_config_run)")
     p.add_argument("--bad", default="", choices=["", *BAD_CASES], help="a misconfiguration to hit")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = p.parse_args()
     stacks.init_distributed(args.stack)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.bad or args.fault:
-        result = bad_input(args, rank, world) if args.bad else fault_run(args, rank, world)
+    if args.bad or args.fault or args.ds_config:
+        result = (bad_input(args, rank, world) if args.bad else fault_run(args, rank, world) if args.fault
+                  else ds_config_run(args, rank, world))
         torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
         dist.destroy_process_group()
         return

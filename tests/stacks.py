@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import json
 import sys
 
 import torch
@@ -264,3 +265,34 @@ def two_pass_step(stack: str, wrapped, optimizer, batch) -> None:
     else:
         optimizer.step()
         optimizer.zero_grad()
+
+
+def engine_from_config(model: nn.Module, path: str, micro: int, micro_batch: int):
+    """A DeepSpeed engine from a ds_configs/ file, its "auto" values filled as the HF Trainer
+    fills them (micro-batch size, accumulation, clipping 1.0, AdamW lr 1e-3, a 3-step schedule,
+    the file's own precision), and three CPU-only adaptations: torch's AdamW instead of the fused
+    or CPU-Adam ops DeepSpeed would compile, no pinned memory, and a torch optimizer allowed with
+    offload."""
+    import deepspeed
+
+    with open(path) as f:
+        cfg = json.load(f)
+    filled = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": micro,
+              "gradient_clipping": 1.0, "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+              "warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 1, "total_num_steps": 3,
+              "enabled": True}
+
+    def fill(node):
+        if isinstance(node, dict):
+            return {k: (filled[k] if v == "auto" else fill(v)) for k, v in node.items()}
+        return node
+
+    cfg = fill(cfg)
+    cfg["optimizer"]["params"]["torch_adam"] = True
+    zero = cfg["zero_optimization"]
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero:
+            zero[key]["pin_memory"] = False
+            cfg["zero_force_ds_cpu_optimizer"] = False
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine

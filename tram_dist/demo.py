@@ -1,7 +1,7 @@
 """`make demo`: a short TRAM fine-tune on 2 ranks under DeepSpeed ZeRO-3, printing per-step metrics.
 
     python -m tram_dist.demo                 # launches itself on 2 ranks with torchrun
-    python -m tram_dist.demo --steps 40 --config ds_configs/zero3.json
+    python -m tram_dist.demo --steps 40 --config ds_configs/demo_zero3_fp32.json
 
 The model is a small BERT built from a config (no download); the task is a synthetic sentiment
 task it can learn in a few dozen steps: a sentence is positive when it holds more "positive"
@@ -20,7 +20,7 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(HERE), "ds_configs", "zero3.json")
+DEFAULT_DS_CONFIG = os.path.join(os.path.dirname(HERE), "ds_configs", "demo_zero3_fp32.json")
 VOCAB, SEQ = 64, 16
 
 
@@ -104,7 +104,7 @@ def launch(args) -> int:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--config", default=DEFAULT_DS_CONFIG, help="DeepSpeed JSON (default: ds_configs/zero3.json)")
+    p.add_argument("--config", default=DEFAULT_DS_CONFIG, help="DeepSpeed JSON (default: ds_configs/demo_zero3_fp32.json)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
