@@ -117,6 +117,14 @@ def test_accelerate_launch():
     assert_three_steps(out, "accelerate.sh")
 
 
+def test_accelerate_launch_under_deepspeed():
+    """The same launcher with launch/accelerate_deepspeed_train.py: accelerate's DeepSpeed plugin
+    (ZeRO-3), TRAM driving the engine that accelerator.prepare returns."""
+    out = run("accelerate.sh", MAIN_PROCESS_PORT=str(free_port()), SCRIPT=os.path.join(LAUNCH, "accelerate_deepspeed_train.py"))
+    assert f"accelerate: {WORLD} processes, DEEPSPEED, DeepSpeedEngine ZeRO-3" in out, out[-6000:]
+    assert_three_steps(out, "accelerate.sh (DeepSpeed)")
+
+
 def test_slurm_syntax():
     proc = subprocess.run([BASH, "-n", os.path.join(LAUNCH, "slurm.sbatch")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
