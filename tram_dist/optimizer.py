@@ -14,8 +14,10 @@ from .config import TRAMConfig
 from .forward import default_forward, split_output
 from .targets import NoisedInput, Snapshot
 
-# Entries of the packed vector of one step's single all-reduce (after the rule's sums).
-_KL_SUM, _KL_COUNT, _LOSS_SUM, _LOSS_COUNT = range(rules.NUM_SUMS, rules.NUM_SUMS + 4)
+# The local partials a step accumulates, and their places in the packed vector of the step's
+# single all-reduce (after the rule's sums).
+_PARTIAL_KL_SUM, _PARTIAL_KL_COUNT, _PARTIAL_LOSS_SUM, _PARTIAL_LOSS_COUNT = range(4)
+_KL_SUM, _KL_COUNT, _LOSS_SUM, _LOSS_COUNT = (rules.NUM_SUMS + i for i in range(4))
 
 
 class TRAM:
@@ -128,9 +130,7 @@ class TRAM:
         if not self.config.noised_pass or self._skip:
             return
         target, target_mask = self._held.pop(0)
-        kl_sum, count = divergence.kl_sum_count(logits, target, self.config.divergence, target_mask)
-        self._partial[0] += float(kl_sum)
-        self._partial[1] += float(count)
+        self._add_kl(logits, target, target_mask)
 
     def observe(self, batch: Any, logits: Tensor, mask: Optional[Tensor] = None,
                 loss: Optional[Tensor] = None) -> None:
@@ -141,17 +141,14 @@ class TRAM:
         """
         self._begin()
         if loss is not None:
-            self._partial[2] += float(loss.detach())
-            self._partial[3] += 1
+            self._partial[_PARTIAL_LOSS_SUM] += float(loss.detach())
+            self._partial[_PARTIAL_LOSS_COUNT] += 1
         if self.config.noised_pass:  # pass 1 ran on noised inputs: its logits are the target
             self._held.append((logits.detach(), mask))
             return
         target = self._target_logits(batch)
-        if target is None:
-            return
-        kl_sum, count = divergence.kl_sum_count(logits, target, self.config.divergence, mask)
-        self._partial[0] += float(kl_sum)
-        self._partial[1] += float(count)
+        if target is not None:
+            self._add_kl(logits, target, mask)
 
     @torch.no_grad()
     def ascent_step(self) -> float:
@@ -165,9 +162,10 @@ class TRAM:
         inv = 1.0 / backend.grad_scale()  # fp16: the gradients carry the loss scale
         sums = rules.local_sums(cfg.geometry, thetas, grads, cfg.eta, cfg.eta_f, inv)
         sums = sums if local else sums * backend.norm_weight
-        own = torch.cat([sums, self._partial.to(sums.device)]).cpu()
-        packed = backend.all_reduce(own.clone().to(sums.device)).cpu()  # the step's one collective
-        if local:  # the reduced copy still decides a skip, alike on every rank
+        vector = torch.cat([sums, self._partial.to(sums.device)])
+        own = vector.detach().cpu().clone() if local else None  # all_reduce works in place
+        packed = backend.all_reduce(vector).cpu()  # the step's one collective
+        if local:  # e from the local values; the reduced copy still decides a skip, alike everywhere
             own[torch.logical_not(torch.isfinite(packed))] = math.nan
             packed = own
         self._metrics = {"tram": 1.0}
@@ -262,6 +260,12 @@ class TRAM:
         the refresh happens before the step, and a skipped update must not count as one."""
         return (self.backend.update_may_skip() and self.snapshot is not None
                 and self.snapshot.tensors is not None and self.snapshot.kind != "initial")
+
+    def _add_kl(self, current: Tensor, target: Tensor, mask: Optional[Tensor]) -> None:
+        """Add one micro-batch's local KL sum and prediction count to the step's partials."""
+        kl_sum, count = divergence.kl_sum_count(current, target, self.config.divergence, mask)
+        self._partial[_PARTIAL_KL_SUM] += float(kl_sum)
+        self._partial[_PARTIAL_KL_COUNT] += float(count)
 
     def _begin(self) -> None:
         if not self._started:

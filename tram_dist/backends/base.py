@@ -104,11 +104,14 @@ class Backend:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradient to a global norm of max_norm with the stack's own clipping; return the
-        norm before clipping (the same on every rank)."""
+        norm before clipping (the same on every rank). Under loss scaling, unscale first."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return self._clip(max_norm)
+
+    def _clip(self, max_norm: float) -> float:
+        """The stack's own clipping of the (unscaled) gradient; torch's, over DTensors on FSDP2."""
+        return float(torch.nn.utils.clip_grad_norm_(self._grad_params(), max_norm))
 
     def prepare_step(self) -> None:
         """Make local_params() hold theta again before the update (and the snapshot refresh)."""

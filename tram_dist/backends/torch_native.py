@@ -90,9 +90,7 @@ class FSDP1Backend(TensorBackend):
                 handle._prefetched = False
 
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
+    def _clip(self, max_norm: float) -> float:
         return float(self.model.clip_grad_norm_(max_norm))  # a collective over the shards
 
 
