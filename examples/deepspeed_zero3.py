@@ -28,9 +28,9 @@ def main() -> None:
         num_labels=CLASSES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     ds_config = {
         "train_micro_batch_size_per_gpu": BATCH,
-        "gradient_accumulation_steps": 1,  # tram_dist's DeepSpeed backend requires 1
+        "gradient_accumulation_steps": 1,  # N: pass tram.step a list of N micro-batches
         "zero_optimization": {"stage": 3},
-        "bf16": {"enabled": cuda},  # bf16 or fp32; fp16 is refused
+        "bf16": {"enabled": cuda},  # bf16 or fp32 (fp16 works on ZeRO 1-3)
         "zero_allow_untested_optimizer": True,  # a client torch optimizer under ZeRO
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),

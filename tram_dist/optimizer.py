@@ -61,15 +61,19 @@ class TRAM:
         self._skip = False
 
     # -- the one-call step ------------------------------------------------------------------
-    def step(self, batches: Any) -> dict[str, float]:
-        """One TRAM step over ``batches`` (one batch, or a list of micro-batches); returns metrics."""
+    def step(self, batches: Any, update: bool = True) -> dict[str, float]:
+        """One TRAM step over ``batches`` (one batch, or a list of micro-batches); returns metrics.
+
+        ``update=False`` ends the step with theta restored and g' left in the gradients, for a
+        caller that clips and steps the base optimizer itself (the HF Trainer; not DeepSpeed)."""
         micro = list(batches) if isinstance(batches, list) else [batches]
         n = len(micro)
+        self._check_update(update)
         self.backend.check_micro_batches(n)
         if self.step_count % self.config.interval != 0:
-            return self._plain_step(micro)
+            return self._plain_step(micro, update)
         if self.config.mode == "micro":
-            return self._micro_step(micro)
+            return self._micro_step(micro, update)
         sync = self.config.scope == "global"  # scope "rank": pass 1 keeps each rank's own gradient
         for i, batch in enumerate(micro):
             with self.backend.micro_batch(i, n, sync=sync):
@@ -79,7 +83,7 @@ class TRAM:
             self.observe(batch, logits, mask, loss)
         self.ascent_step()
         perturbed = sum(self._second_pass(batch, i, n) for i, batch in enumerate(micro)) / n
-        return self.descent_step(loss_perturbed=perturbed)
+        return self.descent_step(loss_perturbed=perturbed, update=update)
 
     def _second_pass(self, batch: Any, index: int, n: int, reduce_each: bool = False) -> float:
         """Pass 2 on one micro-batch at theta + e; its gradient is scaled by 1/n."""
@@ -89,7 +93,7 @@ class TRAM:
         self.observe_perturbed(logits, mask)
         return float(loss.detach())
 
-    def _micro_step(self, micro: list) -> dict[str, float]:
+    def _micro_step(self, micro: list, update: bool) -> dict[str, float]:
         """mode "micro": for each micro-batch its own pass 1 (the gradient of its mean loss), one
         packed all-reduce, e, and pass 2 scaled by 1/n. g' adds up over the micro-batches; the
         sum so far is kept aside (one shard-sized copy) while the next pass 1 runs."""
@@ -106,9 +110,9 @@ class TRAM:
             if stash is not None:
                 self.backend.unstash_grads(stash)
         self._metrics["d"] = sum(radii) / n
-        return self.descent_step(loss_perturbed=perturbed)
+        return self.descent_step(loss_perturbed=perturbed, update=update)
 
-    def _plain_step(self, micro: list) -> dict[str, float]:
+    def _plain_step(self, micro: list, update: bool) -> dict[str, float]:
         """One pass and the base update (interval > 1): no perturbation, no added collective."""
         n, loss_sum = len(micro), 0.0
         for i, batch in enumerate(micro):
@@ -117,7 +121,7 @@ class TRAM:
                 self.backend.backward(loss, n)
             loss_sum += float(loss.detach())
         self._metrics = {"tram": 0.0}
-        return self.descent_step(loss_perturbed=None) | {"loss_local": loss_sum / n}
+        return self.descent_step(loss_perturbed=None, update=update) | {"loss_local": loss_sum / n}
 
     # -- the explicit calls -----------------------------------------------------------------
     def first_pass(self):
@@ -193,18 +197,24 @@ class TRAM:
         self._partial.zero_()
         return r
 
-    def descent_step(self, loss_perturbed: Optional[float] = None) -> dict[str, float]:
+    def descent_step(self, loss_perturbed: Optional[float] = None, update: bool = True) -> dict[str, float]:
         """Restore theta, refresh the snapshot, and take the base step with the gradient at theta + e.
 
-        ``loss_perturbed`` (this rank's loss at theta + e) is only reported."""
+        ``loss_perturbed`` (this rank's loss at theta + e) is only reported. ``update=False``
+        stops before the base step: theta restored, g' in the gradients for the caller to clip
+        and apply (TRAM's max_grad_norm must then be None: the caller owns clipping)."""
+        self._check_update(update)
         self.backend.prepare_step()
-        if not self._skip and self.config.max_grad_norm is not None:
+        if not self._skip and update and self.config.max_grad_norm is not None:
             norm = self.backend.clip_grad_norm(self.config.max_grad_norm)  # global: same on every rank
             self._metrics["grad_norm_perturbed"] = norm
             self._skip = not math.isfinite(norm)
         if self._skip:
             self.backend.zero_grad()
             self._metrics["skipped"] = 1.0
+        elif not update:  # the caller clips and steps; the snapshot sees theta before that update
+            if self.snapshot is not None:
+                self.snapshot.before_update(self.backend.local_params())
         else:
             before = [t.clone() for t in self.snapshot.tensors] if self._snapshot_moves() else None
             if self.snapshot is not None:
@@ -213,6 +223,20 @@ class TRAM:
                 self._metrics["skipped"] = 1.0
                 if before is not None:
                     self.snapshot.tensors = before
+        return self._end_step(loss_perturbed)
+
+    def _check_update(self, update: bool) -> None:
+        """update=False hands the base step to the caller: only where TRAM does not own it."""
+        if update:
+            return
+        if not self.backend.caller_may_update:
+            raise ValueError(f"update=False: on the {self.backend.name} backend the optimizer step is the engine's "
+                             "own (engine.step() after pass 2), so TRAM takes it; use update=True")
+        if self.config.max_grad_norm is not None or self.backend.update_may_skip():
+            raise ValueError("update=False leaves clipping and loss scaling to the caller: set "
+                             "TRAMConfig.max_grad_norm=None and pass TRAM no scaler")
+
+    def _end_step(self, loss_perturbed: Optional[float]) -> dict[str, float]:
         self.step_count += 1
         self._started = self._skip = False
         self._held.clear()

@@ -187,6 +187,8 @@ class Backend:
     # Backends whose parameters are replicated can hold a different perturbation on every rank.
     supports_rank_scope = False
     supports_micro_mode = True
+    # Whether a caller may take the base optimizer step itself (TRAM.step(update=False)).
+    caller_may_update = True
 
     def stash_grads(self) -> list[Optional[Tensor]]:
         """Take the accumulated gradients out (mode "micro": g' of the earlier micro-batches)."""

@@ -33,6 +33,8 @@ class DeepSpeedBackend(Backend):
     master_rewrites_on_step = True
     # Gradients are readable only at the engine's accumulation boundary, once per step.
     supports_micro_mode = False
+    # The optimizer step is engine.step(), which TRAM calls after pass 2.
+    caller_may_update = False
 
     def __init__(self, engine, group=None):
         super().__init__(engine, engine.optimizer, group if group is not None else engine.data_parallel_group)
@@ -70,12 +72,12 @@ class DeepSpeedBackend(Backend):
                          "config instead (the engine clips the descent gradient itself)")
 
     def check_micro_batches(self, num_micro: int) -> None:
-        # One TRAM step is one DeepSpeed optimizer step: it takes exactly the engine's
-        # gradient_accumulation_steps micro-batches (the engine scales each loss by 1/gas).
+        # One TRAM step is one DeepSpeed optimizer step: the engine's gradient_accumulation_steps
+        # micro-batches, or fewer for a short last window (an epoch's end, as the HF Trainer has).
         gas = self.engine.gradient_accumulation_steps()
-        if num_micro != gas:
+        if num_micro > gas:
             raise ValueError(f"tram.step got {num_micro} micro-batch(es) but the DeepSpeed config has "
-                             f"gradient_accumulation_steps={gas}: pass a list of {gas} micro-batches")
+                             f"gradient_accumulation_steps={gas}: pass a list of at most {gas} micro-batches")
 
     def micro_batch(self, index: int, num_micro: int, sync: bool = True):
         # Each pass is one accumulation window: DeepSpeed's documented override makes only the
@@ -130,7 +132,8 @@ class DeepSpeedBackend(Backend):
 
     # -- training ------------------------------------------------------------------------------
     def backward(self, loss: Tensor, num_micro: int) -> None:
-        self.engine.backward(loss)  # the engine scales by its own gradient_accumulation_steps
+        # Scale by this step's own micro-batch count (a short last window is not 1/gas).
+        self.engine.backward(loss / num_micro, scale_wrt_gas=False)
 
     def zero_grad(self) -> None:
         # engine.zero_grad() only drops p.grad; the partitioned gradients live in the optimizer.

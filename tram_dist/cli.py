@@ -1,0 +1,298 @@
+"""`tram-dist finetune CONFIG [key=value ...]`: fine-tune a local transformers model with TRAM.
+
+Also `python -m tram_dist finetune ...`; on several processes under any launcher, e.g.
+`torchrun --nproc_per_node 8 -m tram_dist finetune run.yaml`. One YAML or JSON file says
+everything (README: Fine-tuning CLI); `key=value` arguments override it by dotted path
+(`training.max_steps=20 tram.target=previous`). The run is the HF Trainer with TRAMTrainer:
+a progress bar on rank 0, metrics in OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/tensorboard,
+evaluation on every held-out set by name, checkpoints it can resume from (`resume: true`).
+Nothing is downloaded: the model, tokenizer (SentencePiece included) and data are local files.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from typing import Any, Optional
+
+TASKS = ("sequence_classification", "causal_lm")
+KEYS = {"task", "model", "tokenizer", "num_labels", "data", "deepspeed", "fsdp", "fsdp_config", "tram", "training",
+        "resume"}
+DATA_KEYS = {"train", "eval", "text_field", "label_field", "max_length"}
+FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".txt")
+
+
+# -- the config -----------------------------------------------------------------------------------
+def load_config(path: str, overrides: list[str] = ()) -> dict[str, Any]:
+    """Read a YAML/JSON config, apply dotted key=value overrides (values parsed as YAML), validate."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        cfg = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config {path!r} must be a mapping of settings, got {type(cfg).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. training.max_steps=20)")
+        node, *parents = cfg, *key.split(".")[:-1]
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a mapping in the config")
+        node[key.split(".")[-1]] = yaml.safe_load(value)
+    validate(cfg, os.path.dirname(os.path.abspath(path)))
+    return cfg
+
+
+def validate(cfg: dict[str, Any], base: str) -> None:
+    """Every check that needs no process group: a bad config fails alike on every rank, first."""
+    unknown = sorted(set(cfg) - KEYS)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; allowed: {sorted(KEYS)}")
+    for key in ("task", "model", "data"):
+        if key not in cfg:
+            raise ValueError(f"config needs {key!r}")
+    if cfg["task"] not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {cfg['task']!r}")
+    data = cfg["data"]
+    if not isinstance(data, dict) or "train" not in data:
+        raise ValueError("data must be a mapping with at least 'train' (a local file)")
+    unknown = sorted(set(data) - DATA_KEYS)
+    if unknown:
+        raise ValueError(f"unknown data key(s) {unknown}; allowed: {sorted(DATA_KEYS)}")
+    evals = data.get("eval") or {}
+    if not isinstance(evals, dict):
+        raise ValueError("data.eval must map a name to a file, e.g. {in_domain: dev.jsonl, tweets: tweets.jsonl}")
+    for name, path in [("data.train", data["train"]), *((f"data.eval.{k}", v) for k, v in evals.items())]:
+        _check_file(name, _resolve(base, path))
+        if cfg["task"] == "sequence_classification" and str(path).endswith(".txt"):
+            raise ValueError(f"{name}: a .txt file has no labels; sequence_classification needs .jsonl, .json or .csv")
+    if not os.path.isdir(_resolve(base, cfg["model"])):
+        raise ValueError(f"model must be a local directory from_pretrained can load, got {cfg['model']!r}")
+    if cfg.get("deepspeed") and cfg.get("fsdp"):
+        raise ValueError("set one of deepspeed or fsdp, not both")
+    ds = cfg.get("deepspeed")
+    if isinstance(ds, str):
+        _check_file("deepspeed", _resolve(base, ds))
+    tram = cfg.get("tram", {})
+    if tram is not False and tram is not None:
+        from .config import TRAMConfig
+
+        if not isinstance(tram, dict):
+            raise ValueError("tram must be a mapping of TRAMConfig settings, or false for the base optimizer alone")
+        if "max_grad_norm" in tram:
+            raise ValueError("tram.max_grad_norm: set training.max_grad_norm (the Trainer clips the descent gradient)")
+        TRAMConfig.from_dict(tram)  # names a bad setting
+    training = cfg.get("training") or {}
+    if "output_dir" not in training:
+        raise ValueError("training.output_dir is required (checkpoints, metrics.jsonl, tensorboard)")
+    if cfg.get("resume") not in (None, False, True) and not os.path.isdir(_resolve(base, cfg["resume"])):
+        raise ValueError(f"resume must be true, false or a checkpoint directory, got {cfg['resume']!r}")
+
+
+def _resolve(base: str, path: str) -> str:
+    """Relative paths in a config are relative to the config file."""
+    path = os.path.expanduser(str(path))
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def _check_file(name: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: file {path!r} does not exist")
+    if not path.endswith(FORMATS):
+        raise ValueError(f"{name}: {path!r} must end in one of {list(FORMATS)}")
+
+
+# -- data -------------------------------------------------------------------------------------------
+def read_records(path: str, text_field: str) -> list[dict[str, Any]]:
+    """Rows of a local .jsonl / .json (a list) / .csv / .tsv file, or lines of a .txt file."""
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.endswith(".json"):
+        with open(path) as f:
+            return json.load(f)
+    if path.endswith((".csv", ".tsv")):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+    with open(path) as f:
+        return [{text_field: line.rstrip("\n")} for line in f if line.strip()]
+
+
+def tokenize(records, tokenizer, task: str, text_field: str, label_field: str, max_length: int,
+             label_ids: Optional[dict] = None, where: str = "data") -> list[dict[str, Any]]:
+    out = []
+    for i, row in enumerate(records):
+        if text_field not in row:
+            raise ValueError(f"{where} row {i} has no {text_field!r} field (data.text_field); it has {sorted(row)}")
+        item = dict(tokenizer(row[text_field], truncation=True, max_length=max_length))
+        if task == "sequence_classification":
+            if label_field not in row:
+                raise ValueError(f"{where} row {i} has no {label_field!r} field (data.label_field)")
+            label = row[label_field]
+            item["labels"] = label_ids[str(label)] if label_ids is not None else int(label)
+        out.append(item)
+    return out
+
+
+def label_mapping(records, label_field: str) -> Optional[dict[str, int]]:
+    """None when the labels are integers 0..K-1; else a sorted name -> id map."""
+    labels = {str(r.get(label_field)) for r in records}
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return None
+    return {name: i for i, name in enumerate(sorted(labels))}
+
+
+def classification_metrics(eval_pred) -> dict[str, float]:
+    """Accuracy and balanced accuracy (the mean of per-class recalls: fair on skewed sets)."""
+    import numpy as np
+
+    logits, labels = eval_pred
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    predictions = np.asarray(logits).argmax(-1)
+    labels = np.asarray(labels)
+    recalls = [float((predictions[labels == c] == c).mean()) for c in np.unique(labels)]
+    return {"accuracy": float((predictions == labels).mean()), "balanced_accuracy": float(np.mean(recalls))}
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                              DataCollatorForLanguageModeling, DataCollatorWithPadding)
+    from transformers.integrations import TensorBoardCallback
+
+    from .hf import TRAMTrainer, TRAMTrainingArguments
+
+    task, data = cfg["task"], cfg["data"]
+    training = dict(cfg.get("training") or {})
+    training["output_dir"] = _resolve(base, training["output_dir"])
+    ds = cfg.get("deepspeed")
+    if isinstance(ds, str):
+        ds = _resolve(base, ds)
+    if ds and not torch.cuda.is_available():
+        _cpu_deepspeed_state(training)
+    tram = cfg.get("tram", {})
+    tram_fields = {"tram": False} if tram is False else {f"tram_{k}": v for k, v in (tram or {}).items()}
+    training.setdefault("report_to", [])
+    if data.get("eval"):
+        training.setdefault("eval_strategy", "epoch")
+    args = TRAMTrainingArguments(deepspeed=ds, fsdp=cfg.get("fsdp") or "", fsdp_config=cfg.get("fsdp_config"),
+                                 **training, **tram_fields)
+
+    model_dir = _resolve(base, cfg["model"])
+    tokenizer = AutoTokenizer.from_pretrained(_resolve(base, cfg.get("tokenizer") or cfg["model"]), local_files_only=True)
+    if tokenizer.pad_token is None:  # Llama-style SentencePiece models ship without one
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    text_field, label_field = data.get("text_field", "text"), data.get("label_field", "label")
+    max_length = int(data.get("max_length", 128))
+    train_rows = read_records(_resolve(base, data["train"]), text_field)
+    labels = label_mapping(train_rows, label_field) if task == "sequence_classification" else None
+
+    def dataset(path: str, where: str):
+        return tokenize(read_records(_resolve(base, path), text_field), tokenizer, task, text_field, label_field,
+                        max_length, labels, where)
+
+    train = dataset(data["train"], "data.train")
+    evals = {name: dataset(path, f"data.eval.{name}") for name, path in (data.get("eval") or {}).items()}
+    # After TrainingArguments: under ZeRO-3 from_pretrained then loads straight into partitions.
+    if task == "sequence_classification":
+        num_labels = cfg.get("num_labels") or (len(labels) if labels else 1 + max(r["labels"] for r in train))
+        extra = {"id2label": {i: n for n, i in labels.items()}, "label2id": labels} if labels else {}
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
+                                                                   local_files_only=True, **extra)
+        collator = DataCollatorWithPadding(tokenizer)
+        metrics = classification_metrics
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        metrics = None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    trainer = TRAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals or None,
+                          data_collator=collator, processing_class=tokenizer, compute_metrics=metrics,
+                          callbacks=[_jsonl_callback(os.path.join(args.output_dir, "metrics.jsonl"))])
+    if args.process_index == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        trainer.add_callback(TensorBoardCallback(SummaryWriter(os.path.join(args.output_dir, "tensorboard"))))
+    resume = cfg.get("resume")
+    trainer.train(resume_from_checkpoint=_resolve(base, resume) if isinstance(resume, str) else (resume or None))
+    trainer.save_model()  # the final weights (ZeRO-3: gathered if the config allows it) and tokenizer
+    results = {}
+    for name, ds_eval in evals.items():
+        scores = trainer.evaluate(ds_eval, metric_key_prefix=f"eval_{name}")
+        if task == "causal_lm":
+            scores[f"eval_{name}_perplexity"] = math.exp(min(scores[f"eval_{name}_loss"], 50.0))
+        results[name] = {k.removeprefix(f"eval_{name}_"): v for k, v in scores.items()}
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(_table(results), flush=True)
+    return results
+
+
+def _cpu_deepspeed_state(training: dict) -> None:
+    """CPU only (DESIGN_NOTES.md): make accelerate's state on gloo before the Trainer does (it would
+    otherwise make every process rank 0 of 1 under DeepSpeed) and skip a ~100 s JIT build of a
+    shared-memory op that training never uses. GPU runs never come here."""
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    training["accelerator_config"] = {**training.get("accelerator_config", {}), "use_configured_state": True}
+
+
+def _table(results: dict[str, dict[str, float]]) -> str:
+    keys = [k for k in ("balanced_accuracy", "accuracy", "loss", "perplexity")
+            if any(k in r for r in results.values())]
+    lines = ["| eval set | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _jsonl_callback(path: str):
+    """Every log line (training, TRAM's tram/* metrics, evaluation) as one JSON object, rank 0 only."""
+    from transformers import TrainerCallback
+
+    class JsonlLogger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    return JsonlLogger()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="tram-dist", description="TRAM fine-tuning of local transformers models")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    sub = parser.add_subparsers(dest="command", required=True)
+    ft = sub.add_parser("finetune", help="fine-tune a model from one YAML/JSON config")
+    ft.add_argument("config", help="YAML or JSON config file (README: Fine-tuning CLI)")
+    ft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=20")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as e:
+        parser.error(str(e))  # exit 2 with the message, before any process group exists
+    finetune(cfg, os.path.dirname(os.path.abspath(args.config)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

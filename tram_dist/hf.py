@@ -1,0 +1,180 @@
+"""TRAM inside the HF transformers Trainer: TRAMTrainer and TRAMTrainingArguments.
+
+    args = TRAMTrainingArguments(output_dir="out", gradient_accumulation_steps=2,
+                                 tram_target="noised_input", tram_scale=100.0, tram_rho_max=1.0)
+    TRAMTrainer(model=model, args=args, train_dataset=train).train()
+
+The Trainer keeps everything it owns: the model wrapping it sets up (DDP, FSDP, the DeepSpeed
+engine from ``--deepspeed ds_config.json``), its data loading and accumulation windows,
+clipping (``max_grad_norm``), the learning-rate schedule, logging and checkpoints. Only the
+optimizer step changes: the Trainer hands ``training_step`` one micro-batch at a time; TRAMTrainer
+keeps the micro-batches of a window and, at the window's last one, runs the whole TRAM step over
+them (pass 1 on each, one all-reduce, the ascent, pass 2 on each, theta restored). The Trainer
+then clips and applies g' as it would its own gradient. Under DeepSpeed the engine's step is
+TRAM's to take (engine.step() after pass 2); the Trainer's optimizer and scheduler calls are
+no-ops there already, and the config's gradient_clipping (HF "auto": max_grad_norm) clips.
+
+A TRAM step weighs each micro-batch's mean loss equally, as TRAM's own steps do; the Trainer's
+token-count weighting of causal-LM losses (num_items_in_batch) does not apply to TRAM steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from collections import defaultdict
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .config import TRAMConfig
+from .forward import IGNORE_INDEX
+from .optimizer import TRAM
+
+STATE_FILE = "tram_rank{rank}.pt"
+# Metrics a TRAM step reports that go into the Trainer's logs, averaged over the logging window.
+LOGGED = ("d", "kl", "grad_norm", "e_norm", "loss_perturbed", "skipped")
+
+
+# Every TRAMConfig setting but max_grad_norm: the Trainer's own max_grad_norm clips g'.
+_FIELDS = [f for f in dataclasses.fields(TRAMConfig) if f.name != "max_grad_norm"]
+
+
+def _tram_fields():
+    hints = typing.get_type_hints(TRAMConfig)
+    yield "tram", bool, dataclasses.field(default=True, metadata={
+        "help": "Take TRAM steps; False trains with the Trainer's own step (the base-optimizer baseline)."})
+    for f in _FIELDS:
+        yield f"tram_{f.name}", hints[f.name], dataclasses.field(default=f.default, metadata={
+            "help": f"TRAMConfig.{f.name} (README: Settings)" + ("; 'none' for None" if f.name == "target" else "")})
+
+
+def _tram_config(self) -> TRAMConfig:
+    """The TRAMConfig these arguments describe (validated: a bad value names its setting)."""
+    values = {f.name: getattr(self, f"tram_{f.name}") for f in _FIELDS}
+    if isinstance(values["target"], str) and values["target"].lower() == "none":
+        values["target"] = None
+    return TRAMConfig(**values)
+
+
+# TrainingArguments plus one `tram_<name>` field per TRAMConfig setting (and `tram` on/off), so
+# HfArgumentParser gives `--tram_target previous --tram_scale 100` on the command line.
+TRAMTrainingArguments = dataclasses.make_dataclass(
+    "TRAMTrainingArguments", list(_tram_fields()), bases=(TrainingArguments,),
+    namespace={"tram_config": _tram_config, "__doc__": "TrainingArguments with TRAM's settings as tram_* fields."})
+TRAMTrainingArguments.__module__ = __name__  # the Trainer pickles its arguments into checkpoints
+
+
+class TRAMTrainer(Trainer):
+    """A Trainer whose optimizer step is a TRAM step (module docstring).
+
+    ``tram_config`` overrides the arguments' tram_* fields; ``tram_forward(model, inputs)`` may
+    return (loss, logits[, mask]) for models whose outputs carry no ``logits``.
+    """
+
+    def __init__(self, *args, tram_config: Optional[TRAMConfig] = None, tram_forward=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        hf_args = self.args
+        self.use_tram = getattr(hf_args, "tram", True)
+        if tram_config is None:
+            tram_config = hf_args.tram_config() if hasattr(hf_args, "tram_config") else TRAMConfig()
+        tram_config.validate()
+        if tram_config.max_grad_norm is not None:
+            raise ValueError("TRAMConfig.max_grad_norm: under the Trainer set max_grad_norm in the training "
+                             "arguments (the Trainer clips the descent gradient itself)")
+        if self.use_tram and hf_args.fp16 and not self.is_deepspeed_enabled:
+            raise ValueError("fp16=True: TRAMTrainer supports fp16 only under DeepSpeed (the engine scales the "
+                             "loss); use bf16=True, or a DeepSpeed config with fp16")
+        self.tram_config = tram_config
+        self.tram_forward = tram_forward
+        self.tram: Optional[TRAM] = None
+        self._window: list[dict[str, Any]] = []
+        self._tram_logs: dict[str, list[float]] = defaultdict(list)
+        self._tram_resume: Optional[str] = None
+
+    # -- the step ----------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.use_tram:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        self._window.append(self._prepare_inputs(inputs))
+        if not self.accelerator.sync_gradients:  # not the window's last micro-batch: keep it
+            return torch.zeros((), device=self.args.device)
+        window, self._window = self._window, []
+        tram = self._tram_for(model)
+        # DeepSpeed: TRAM takes engine.step(); elsewhere the Trainer clips and steps after this.
+        metrics = tram.step(window, update=not tram.backend.caller_may_update)
+        for key in LOGGED:
+            if key in metrics and math.isfinite(metrics[key]):
+                self._tram_logs[key].append(metrics[key])
+        loss = metrics.get("loss", metrics.get("loss_local", math.nan))
+        # The Trainer sums what each micro-batch returns: the window's mean loss, returned once.
+        return torch.tensor(loss, device=self.args.device)
+
+    def _tram_for(self, model) -> TRAM:
+        """TRAM over the model as the Trainer wrapped it, made at the first step (after any resume)."""
+        if self.tram is None:
+            optimizer = None if self.is_deepspeed_enabled else getattr(self.optimizer, "optimizer", self.optimizer)
+            self.tram = TRAM(model, optimizer, self.tram_config, forward_fn=self._forward)
+            if self._tram_resume is not None:
+                self.tram.load_state_dict(torch.load(self._state_path(self._tram_resume), weights_only=False))
+        return self.tram
+
+    def _forward(self, module, inputs):
+        """(loss, logits, mask) through the Trainer's own compute_loss (label smoothing, custom losses)."""
+        if self.tram_forward is not None:
+            return self.tram_forward(module, inputs)
+        with self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(module, inputs, return_outputs=True)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        return (loss, *_predictions(logits, inputs, getattr(self, "_loss_shifts_labels", False)))
+
+    # -- logs and checkpoints ----------------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._tram_logs and "loss" in logs:  # a training log: add TRAM's means since the last one
+            logs.update({f"tram/{k}": sum(v) / len(v) for k, v in self._tram_logs.items()})
+            self._tram_logs.clear()
+        super().log(logs, *args, **kwargs)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True: no checkpoint in output_dir {self.args.output_dir!r}")
+        if isinstance(resume_from_checkpoint, str) and self.use_tram:
+            path = self._state_path(resume_from_checkpoint)
+            if not os.path.isfile(path):  # before the Trainer loads anything, on every rank
+                raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r} has no TRAM state {path!r}: "
+                                 "it was not written by TRAMTrainer with TRAM on")
+            self._tram_resume = resume_from_checkpoint
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        # TRAM's state goes in first: a checkpoint the Trainer considers complete always has it.
+        if self.tram is not None:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self.tram.state_dict(), self._state_path(folder))
+        return super()._save_checkpoint(model, trial)
+
+    def _state_path(self, folder: str) -> str:
+        return os.path.join(folder, STATE_FILE.format(rank=self.args.process_index))
+
+
+def _predictions(logits: torch.Tensor, inputs: dict, shifts_labels: bool):
+    """The logits that count in the divergence, and their mask: a causal LM's position t predicts
+    token t+1; token-level labels count where not ignored; a sequence label counts once."""
+    labels, attention = inputs.get("labels"), inputs.get("attention_mask")
+    if shifts_labels:
+        logits = logits[:, :-1]
+        labels = labels[:, 1:] if labels is not None else None
+        attention = attention[:, 1:] if attention is not None else None
+    if labels is None or labels.shape != logits.shape[:-1]:
+        return logits, None
+    mask = labels != IGNORE_INDEX
+    if attention is not None:
+        mask = mask & attention.bool()
+    return logits, mask
