@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     importlib.import_module("deepspeed.comm.torch")
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from tram_dist import TRAM, TRAMConfig  # noqa: E402
@@ -46,6 +47,7 @@ def main() -> None:
         if rank == 0:
             print(f"step {step} d={m['d']:.4g} grad_norm={m['grad_norm']:.4g} "
                   f"e_norm={m['e_norm']:.4g} loss={m['loss']:.4f}", flush=True)
+    dist.destroy_process_group()  # before interpreter teardown (DeepSpeed on CPU could abort there)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,7 @@ def test_finetune_tiny_llama_zero3_then_resume(tmp_path):
     ("data.train=missing.txt", r"data\.train: file .*missing\.txt' does not exist"),
     ("optimizer=sgd", r"unknown config key\(s\) \['optimizer'\]"),
     ("tram.max_grad_norm=1.0", r"tram\.max_grad_norm: set training\.max_grad_norm"),
+    ("training.warmup_ratio=0.1", r"unknown training key\(s\) \['warmup_ratio'\]: training takes TrainingArguments"),
 ])
 def test_bad_config_fails_before_any_process_group(tmp_path, override, message):
     """Exit 2 with the setting named, from config checks alone (no model, no process group)."""

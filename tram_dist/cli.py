@@ -19,8 +19,8 @@ import sys
 from typing import Any, Optional
 
 TASKS = ("sequence_classification", "causal_lm")
-KEYS = {"task", "model", "tokenizer", "num_labels", "data", "deepspeed", "fsdp", "fsdp_config", "tram", "training",
-        "resume"}
+KEYS = {"task", "model", "model_class", "model_kwargs", "tokenizer", "num_labels", "data", "deepspeed", "fsdp",
+        "fsdp_config", "tram", "training", "resume", "save_final"}
 DATA_KEYS = {"train", "eval", "text_field", "label_field", "max_length"}
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 
@@ -75,6 +75,11 @@ def validate(cfg: dict[str, Any], base: str) -> None:
             raise ValueError(f"{name}: a .txt file has no labels; sequence_classification needs .jsonl, .json or .csv")
     if not os.path.isdir(_resolve(base, cfg["model"])):
         raise ValueError(f"model must be a local directory from_pretrained can load, got {cfg['model']!r}")
+    model_class = cfg.get("model_class")
+    if model_class is not None and (not isinstance(model_class, str) or model_class.count(":") != 1):
+        raise ValueError(f"model_class must be 'package.module:ClassName', got {model_class!r}")
+    if not isinstance(cfg.get("model_kwargs", {}), dict):
+        raise ValueError("model_kwargs must be a mapping passed to from_pretrained, e.g. {num_hidden_layers: 3}")
     if cfg.get("deepspeed") and cfg.get("fsdp"):
         raise ValueError("set one of deepspeed or fsdp, not both")
     ds = cfg.get("deepspeed")
@@ -92,6 +97,15 @@ def validate(cfg: dict[str, Any], base: str) -> None:
     training = cfg.get("training") or {}
     if "output_dir" not in training:
         raise ValueError("training.output_dir is required (checkpoints, metrics.jsonl, tensorboard)")
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    allowed = {f.name for f in dataclasses.fields(TrainingArguments)} - {"deepspeed", "fsdp", "fsdp_config"}
+    unknown = sorted(set(training) - allowed)
+    if unknown:
+        raise ValueError(f"unknown training key(s) {unknown}: training takes TrainingArguments fields "
+                         "(transformers docs); deepspeed and fsdp go at the top level")
     if cfg.get("resume") not in (None, False, True) and not os.path.isdir(_resolve(base, cfg["resume"])):
         raise ValueError(f"resume must be true, false or a checkpoint directory, got {cfg['resume']!r}")
 
@@ -187,7 +201,8 @@ def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
                                  **training, **tram_fields)
 
     model_dir = _resolve(base, cfg["model"])
-    tokenizer = AutoTokenizer.from_pretrained(_resolve(base, cfg.get("tokenizer") or cfg["model"]), local_files_only=True)
+    tokenizer_dir = _resolve(base, cfg.get("tokenizer") or cfg["model"])
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     if tokenizer.pad_token is None:  # Llama-style SentencePiece models ship without one
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     text_field, label_field = data.get("text_field", "text"), data.get("label_field", "label")
@@ -202,15 +217,17 @@ def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
     train = dataset(data["train"], "data.train")
     evals = {name: dataset(path, f"data.eval.{name}") for name, path in (data.get("eval") or {}).items()}
     # After TrainingArguments: under ZeRO-3 from_pretrained then loads straight into partitions.
+    model_kwargs = dict(cfg.get("model_kwargs") or {}, local_files_only=True)
+    auto_class = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    model_class = _import(cfg["model_class"]) if cfg.get("model_class") else auto_class
     if task == "sequence_classification":
         num_labels = cfg.get("num_labels") or (len(labels) if labels else 1 + max(r["labels"] for r in train))
         extra = {"id2label": {i: n for n, i in labels.items()}, "label2id": labels} if labels else {}
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
-                                                                   local_files_only=True, **extra)
+        model = model_class.from_pretrained(model_dir, num_labels=num_labels, **model_kwargs, **extra)
         collator = DataCollatorWithPadding(tokenizer)
         metrics = classification_metrics
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+        model = model_class.from_pretrained(model_dir, **model_kwargs)
         collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
         metrics = None
     if model.config.pad_token_id is None:
@@ -225,7 +242,8 @@ def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
         trainer.add_callback(TensorBoardCallback(SummaryWriter(os.path.join(args.output_dir, "tensorboard"))))
     resume = cfg.get("resume")
     trainer.train(resume_from_checkpoint=_resolve(base, resume) if isinstance(resume, str) else (resume or None))
-    trainer.save_model()  # the final weights (ZeRO-3: gathered if the config allows it) and tokenizer
+    if cfg.get("save_final", True):
+        trainer.save_model()  # the final weights (ZeRO-3: gathered if the config allows it) and tokenizer
     results = {}
     for name, ds_eval in evals.items():
         scores = trainer.evaluate(ds_eval, metric_key_prefix=f"eval_{name}")
@@ -237,6 +255,14 @@ def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
             json.dump(results, f, indent=2)
         print(_table(results), flush=True)
     return results
+
+
+def _import(path: str):
+    """'package.module:ClassName' -> the class."""
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _cpu_deepspeed_state(training: dict) -> None:
@@ -291,6 +317,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))  # exit 2 with the message, before any process group exists
     finetune(cfg, os.path.dirname(os.path.abspath(args.config)))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()  # before interpreter teardown (DeepSpeed on CPU could abort there)
     return 0
 
 

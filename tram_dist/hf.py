@@ -175,6 +175,6 @@ def _predictions(logits: torch.Tensor, inputs: dict, shifts_labels: bool):
     if labels is None or labels.shape != logits.shape[:-1]:
         return logits, None
     mask = labels != IGNORE_INDEX
-    if attention is not None:
+    if attention is not None and attention.shape == mask.shape:  # token-level labels only
         mask = mask & attention.bool()
     return logits, mask

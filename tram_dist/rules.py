@@ -52,19 +52,34 @@ def local_sums(geometry: str, thetas: Sequence[Tensor], grads: Sequence[Optional
                eta: float, eta_f: float, inv_scale: float = 1.0) -> Tensor:
     """[N, sum g^2, sum u^2] over this rank's pieces, float64 on the first piece's device.
 
-    float64 keeps the partial sums exact enough that the reduction order across ranks does not
-    show at fp32 tolerance. A piece whose grad is None (unused, or empty on this rank) adds 0.
+    Each piece's sums are taken in float64 (exact enough that the reduction order across ranks
+    does not show at fp32 tolerance) without a float64 copy of the piece, and each square is
+    computed once: for sam, N = sum g^2 = sum u^2. A piece whose grad is None (unused, or empty
+    on this rank) adds 0.
     """
     device = thetas[0].device if len(thetas) else torch.device("cpu")
     sums = torch.zeros(NUM_SUMS, dtype=torch.float64, device=device)
     for theta, g in zip(thetas, grads):
         if g is None or g.numel() == 0:
             continue
-        u, n = direction(geometry, theta, g, eta, eta_f, inv_scale)
-        sums[NORMALISER] += n.sum(dtype=torch.float64)
-        sums[GRAD_SQ] += (g.float() * inv_scale).pow(2).sum(dtype=torch.float64)
-        sums[DIRECTION_SQ] += u.pow(2).sum(dtype=torch.float64)
+        g = g.float() * inv_scale if inv_scale != 1.0 else g.float()
+        g_sq = _square_sum(g)
+        if geometry == "sam":
+            piece = (g_sq, g_sq, g_sq)
+        elif geometry == "asam":
+            tg = theta.float().abs().add_(eta).mul_(g)  # T g
+            n = _square_sum(tg)
+            piece = (n, g_sq, _square_sum(tg.mul_(theta.float().abs().add_(eta))))  # u = T^2 g
+        else:
+            u, n = direction(geometry, theta, g, eta, eta_f)
+            piece = (n.sum(dtype=torch.float64), g_sq, _square_sum(u))
+        sums += torch.stack(piece)
     return sums
+
+
+def _square_sum(x: Tensor) -> Tensor:
+    """sum x^2 accumulated in float64, with no float64 copy of x."""
+    return torch.linalg.vector_norm(x, dtype=torch.float64).square()
 
 
 def scale_factor(radius: float, normaliser: float, eps: float) -> float:

@@ -1,0 +1,50 @@
+"""bench/: the counted parts of `make bench` on DDP (2 ranks), and bench/gpu_check.sh's shape.
+
+Step-time ratios are measured by `make bench` and quoted in README; no test asserts a time. What
+is asserted here is counted: TRAM adds exactly one all-reduce (56 bytes) to two plain passes,
+holds exactly one copy of the local pieces while theta + e is loaded, and a snapshot target holds
+one more; the plain-loop SAM peer holds a full weight copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = {"backend", "method", "step_time_ratio", "collectives_per_step", "bytes_per_step", "extra_bytes_per_rank"}
+
+
+def test_bench_counts_on_ddp(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--backends", "ddp",
+                           "--rounds", "1", "--out", str(out), "--tmp", str(tmp_path / "ranks")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["records"]}
+    assert set(rows) == {"base", "sam", "tram_noised_input", "tram_previous", "tram_initial", "tram_ema",
+                         "tram_fisher", "plain_sam"}
+    assert all(FIELDS <= set(r) for r in rows.values())
+    base, shard = rows["base"], rows["base"]["local_shard_bytes"]
+    assert shard == 4 * base["params"]  # DDP: every rank's local pieces are the whole fp32 model
+    for name in ("sam", "tram_noised_input", "tram_previous", "tram_initial", "tram_ema", "tram_fisher"):
+        r = rows[name]
+        # two passes of DDP's own collectives plus TRAM's one packed all-reduce of 7 float64s
+        assert r["collectives_per_step"] == 2 * base["collectives_per_step"] + 1, r["collectives_by_op"]
+        assert r["bytes_per_step"] == 2 * base["bytes_per_step"] + 56, r["bytes_by_call"]
+        assert r["extra_bytes_per_rank"] == shard  # one copy of the local pieces, for the restore
+        snapshot = name in ("tram_previous", "tram_initial", "tram_ema")
+        assert r["target_bytes_per_rank"] == (shard if snapshot else 0)
+    assert rows["plain_sam"]["extra_bytes_per_rank"] == shard
+    assert rows["plain_sam"]["collectives_per_step"] == 2 * base["collectives_per_step"]
+    assert "| ddp | tram_noised_input |" in proc.stdout
+
+
+def test_gpu_check_script():
+    bash = shutil.which("bash")
+    assert subprocess.run([bash, "-n", os.path.join(ROOT, "bench", "gpu_check.sh")]).returncode == 0
+    proc = subprocess.run([bash, os.path.join(ROOT, "bench", "gpu_check.sh")], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr  # this machine has none: a clear refusal
