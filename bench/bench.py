@@ -282,7 +282,7 @@ def launch(backend: str, args) -> list[dict]:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port), os.path.abspath(__file__), "--worker", "--backend", backend,
-           "--rounds", str(args.rounds), "--out", args.tmp]
+           "--rounds", str(args.rounds), "--tmp", args.tmp]
     env = dict(os.environ, OMP_NUM_THREADS="1", KINETO_LOG_LEVEL="5", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     if proc.returncode != 0:
