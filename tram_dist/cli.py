@@ -317,10 +317,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))  # exit 2 with the message, before any process group exists
     finetune(cfg, os.path.dirname(os.path.abspath(args.config)))
+    import torch
     import torch.distributed as dist
 
+    if cfg.get("deepspeed") and not torch.cuda.is_available():
+        # CPU only: DeepSpeed's interpreter teardown can abort after a finished run ("terminate
+        # called without an active exception", SIGABRT; seen in CI after eval_results.json was
+        # written). Everything is written and flushed; leave without that teardown, all ranks together.
+        if dist.is_initialized():
+            dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if dist.is_initialized():
-        dist.destroy_process_group()  # before interpreter teardown (DeepSpeed on CPU could abort there)
+        dist.destroy_process_group()
     return 0
 
 
