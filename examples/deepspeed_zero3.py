@@ -12,10 +12,10 @@ if not torch.cuda.is_available():
     importlib.import_module("deepspeed.comm.torch")
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 import deepspeed  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from tram_dist import TRAM, TRAMConfig  # noqa: E402
+from tram_dist.shutdown import exit_run  # noqa: E402
 
 STEPS, BATCH, SEQ, VOCAB, CLASSES = 3, 4, 16, 100, 3  # BATCH rows per rank
 
@@ -47,7 +47,7 @@ def main() -> None:
         if rank == 0:
             print(f"step {step} d={m['d']:.4g} grad_norm={m['grad_norm']:.4g} "
                   f"e_norm={m['e_norm']:.4g} loss={m['loss']:.4f}", flush=True)
-    dist.destroy_process_group()  # before interpreter teardown (DeepSpeed on CPU could abort there)
+    exit_run()  # over gloo (CPU) DeepSpeed's interpreter teardown can abort; see tram_dist/shutdown.py
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from accelerate.utils import InitProcessGroupKwargs  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 from tram_dist import TRAM, TRAMConfig  # noqa: E402
+from tram_dist.shutdown import exit_run  # noqa: E402
 
 BATCH, SEQ, VOCAB, CLASSES = 4, 16, 100, 3  # BATCH rows per process
 
@@ -57,7 +58,9 @@ def main() -> None:
         if accelerator.is_main_process:
             print(f"step {step} d={m['d']:.4g} grad_norm={m['grad_norm']:.4g} "
                   f"e_norm={m['e_norm']:.4g} loss={m['loss']:.4f}", flush=True)
-    accelerator.end_training()
+    # Not accelerator.end_training(): it destroys the process group, and over gloo (CPU) the interpreter
+    # teardown after DeepSpeed can then abort. This script has no trackers to finish.
+    exit_run()  # see tram_dist/shutdown.py
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import stacks  # noqa: E402
 from tiny import LR, METHODS, SGD_LR, make_batches, make_model, micro_batches, shard  # noqa: E402
 
 from tram_dist import TRAM, TRAMConfig, load_checkpoint, save_checkpoint  # noqa: E402
+from tram_dist.shutdown import exit_run  # noqa: E402
 
 
 def run_method(args, name: str, rank: int, world: int) -> dict:
@@ -228,25 +229,13 @@ def main() -> None:
         result = (bad_input(args, rank, world) if args.bad else fault_run(args, rank, world) if args.fault
                   else ds_config_run(args, rank, world))
         torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
-        finish()
+        exit_run()
     results = {}
     if args.dtype == "fp32":  # the stack's own gradient and collectives are checked in fp32
         results = {"plain_grads": check_grads(args, rank, world), "baseline": baseline_counts(args, rank, world)}
     results.update({name: run_method(args, name, rank, world) for name in args.methods.split(",")})
     torch.save(results, os.path.join(args.out, f"rank{rank}.pt"))
-    finish()
-
-
-def finish() -> None:
-    """Every rank has written its result file; once all have, leave without library teardown.
-
-    Interpreter teardown after DeepSpeed ZeRO-1 (overlap_comm) on CPU aborted intermittently
-    ("terminate called without an active exception", SIGABRT: 1 run in 6 under load, always
-    after the results were written); the test's outcome is already on disk, so it is skipped."""
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_run()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import stacks  # noqa: E402
 
+from tram_dist.shutdown import exit_run  # noqa: E402
+
 STEPS, LR, CLIP = 3, 1e-3, 0.4  # grad norms are 0.3-0.6: clipping bites on steps 2 and 3
 TARGETS = {"noised_input": dict(target="noised_input", sigma=0.1, scale=100.0, rho_max=1.0),
            "previous": dict(target="previous", scale=1e4, rho_max=1.0)}
@@ -172,9 +174,7 @@ def main() -> None:
         _, result["resumed"], result["resumed_logs"], _ = run_trainer(args, deepspeed_file, "resumed",
                                                                      resume_from=checkpoint)
     torch.save(result, os.path.join(args.out, f"rank{dist.get_rank()}.pt"))
-    dist.barrier()
-    sys.stdout.flush()
-    os._exit(0)  # DeepSpeed's CPU teardown can abort after a clean run (see dist_worker.py)
+    exit_run()  # over gloo no interpreter teardown: DeepSpeed's can abort (tram_dist/shutdown.py)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 TASKS = ("sequence_classification", "causal_lm")
 KEYS = {"task", "model", "model_class", "model_kwargs", "tokenizer", "num_labels", "data", "deepspeed", "fsdp",
@@ -179,7 +179,7 @@ def classification_metrics(eval_pred) -> dict[str, float]:
 def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
     import torch
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorForLanguageModeling, DataCollatorWithPadding)
+                              DataCollatorForLanguageModeling, DataCollatorWithPadding, set_seed)
     from transformers.integrations import TensorBoardCallback
 
     from .hf import TRAMTrainer, TRAMTrainingArguments
@@ -217,6 +217,8 @@ def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
     train = dataset(data["train"], "data.train")
     evals = {name: dataset(path, f"data.eval.{name}") for name, path in (data.get("eval") or {}).items()}
     # After TrainingArguments: under ZeRO-3 from_pretrained then loads straight into partitions.
+    # Seeded first: a new head (a classifier) is initialised from the global RNG.
+    set_seed(args.seed)
     model_kwargs = dict(cfg.get("model_kwargs") or {}, local_files_only=True)
     auto_class = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     model_class = _import(cfg["model_class"]) if cfg.get("model_class") else auto_class
@@ -304,7 +306,7 @@ def _jsonl_callback(path: str):
     return JsonlLogger()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> NoReturn:
     parser = argparse.ArgumentParser(prog="tram-dist", description="TRAM fine-tuning of local transformers models")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,22 +319,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         parser.error(str(e))  # exit 2 with the message, before any process group exists
     finetune(cfg, os.path.dirname(os.path.abspath(args.config)))
-    import torch
-    import torch.distributed as dist
+    from .shutdown import exit_run
 
-    if cfg.get("deepspeed") and not torch.cuda.is_available():
-        # CPU only: DeepSpeed's interpreter teardown can abort after a finished run ("terminate
-        # called without an active exception", SIGABRT; seen in CI after eval_results.json was
-        # written). Everything is written and flushed; leave without that teardown, all ranks together.
-        if dist.is_initialized():
-            dist.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    exit_run(0)  # all ranks together, once every file is written (over gloo: no interpreter teardown)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
