@@ -10,7 +10,7 @@ tensors the next forward reads:
 | 0, fp32      | the parameter itself         | the parameter            | - (one copy kept)       |
 | 0, bf16      | optimizer.fp32_groups        | the bf16 parameter       | -                       |
 | 1, 2         | p._hp_mapping.hp_fragment    | p's local bit16 fragment | all-gather bit16 groups |
-| 3            | local fp32 master partition  | p.ds_tensor              | re-gather resident ones |
+| 3            | local fp32 master partition  | p.ds_tensor              | release gathered copies |
 
 Where an fp32 master exists it already holds theta, so no copy is kept and restore rewrites the
 write targets from the masters; engine.step() does the same after every applied update.
@@ -248,9 +248,12 @@ class Zero3Backend(DeepSpeedBackend):
     gradient partitions have the same layout. Only the real (unpadded) prefix is used: the
     padding of theta is uninitialised memory.
 
-    Parameters below stage3_param_persistence_threshold stay resident after the first step and
-    the forward reads p.data without gathering; they are found by residency
-    (p.data.numel() == p.ds_numel), released and re-gathered in one all-gather after a write.
+    After a write every gathered copy is stale. DeepSpeed's parameter coordinator releases them
+    all, persistent ones (below stage3_param_persistence_threshold) included, after waiting for
+    any prefetch in flight; the next forward gathers theta + e in its own bucketed prefetch, and
+    persistent parameters stay resident from then on as usual. (Re-gathering each copy still held,
+    e.g. after the no-grad target forward, took one collective per parameter: 73 instead of 1 on
+    a 4-layer BERT.)
     """
 
     def _params(self) -> list[nn.Parameter]:
@@ -270,11 +273,7 @@ class Zero3Backend(DeepSpeedBackend):
         return pieces
 
     def _sync(self) -> None:
-        resident = [p for p in self._params() if p.data.numel() == p.ds_numel]
-        for p in resident:
-            p.partition()
-        if resident:
-            resident[0].all_gather(resident)
+        self.engine.optimizer.parameter_offload.partition_all_parameters()
 
 
 def make_deepspeed_backend(engine, group=None) -> DeepSpeedBackend:
