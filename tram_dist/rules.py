@@ -29,57 +29,79 @@ NORMALISER, GRAD_SQ, DIRECTION_SQ = 0, 1, 2
 NUM_SUMS = 3
 
 
-def direction(geometry: str, theta: Tensor, g: Tensor, eta: float, eta_f: float,
-              inv_scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """u and the per-entry terms of N for one local piece (both float32, shaped like g).
-
-    inv_scale undoes a loss scale: g is read as g * inv_scale (exact for a power-of-two scale)."""
+def _read(theta: Tensor, g: Tensor, inv_scale: float) -> tuple[Tensor, Tensor]:
+    """theta and g as float32 (no copy when they already are); g read as g * inv_scale, which
+    undoes a loss scale (exact for a power-of-two scale)."""
     g = g.float() * inv_scale if inv_scale != 1.0 else g.float()
-    if geometry == "sam":
-        return g, g * g
-    if geometry == "asam":
-        t = theta.float().abs().add_(eta)
-        tg = t * g
-        return t * tg, tg * tg
-    if geometry == "fisher":
-        g2 = g * g
-        f = g2.mul(eta_f).add_(1.0)
-        return g / f, g2 / f
-    raise ValueError(f"unknown geometry {geometry!r}; allowed: sam, asam, fisher")
+    return theta.float(), g
+
+
+def _t(theta: Tensor, eta: float) -> Tensor:
+    """ASAM's T = |theta| + eta, a new tensor."""
+    t = theta.abs()
+    return t.add_(eta) if eta else t
 
 
 def local_sums(geometry: str, thetas: Sequence[Tensor], grads: Sequence[Optional[Tensor]],
                eta: float, eta_f: float, inv_scale: float = 1.0) -> Tensor:
     """[N, sum g^2, sum u^2] over this rank's pieces, float64 on the first piece's device.
 
-    Each piece's sums are taken in float64 (exact enough that the reduction order across ranks
-    does not show at fp32 tolerance) without a float64 copy of the piece, and each square is
-    computed once: for sam, N = sum g^2 = sum u^2. A piece whose grad is None (unused, or empty
-    on this rank) adds 0.
+    Sums are float32 reductions over rows of _ROW entries, added in float64 (see _ROW).
+    Elementwise work is kept to what the sums need: asam is |theta|, T g and T^2 g in place, each
+    squared sum taken once; for sam, N = sum g^2 = sum u^2. A piece whose grad is None (unused, or
+    empty on this rank) adds 0.
     """
+    if geometry not in ("sam", "asam", "fisher"):
+        raise ValueError(f"unknown geometry {geometry!r}; allowed: sam, asam, fisher")
     device = thetas[0].device if len(thetas) else torch.device("cpu")
-    sums = torch.zeros(NUM_SUMS, dtype=torch.float64, device=device)
+    pieces = []
     for theta, g in zip(thetas, grads):
         if g is None or g.numel() == 0:
             continue
-        g = g.float() * inv_scale if inv_scale != 1.0 else g.float()
+        theta, g = _read(theta, g, inv_scale)
         g_sq = _square_sum(g)
         if geometry == "sam":
-            piece = (g_sq, g_sq, g_sq)
+            pieces.append(torch.stack((g_sq, g_sq, g_sq)))
         elif geometry == "asam":
-            tg = theta.float().abs().add_(eta).mul_(g)  # T g
+            t = _t(theta, eta)
+            tg = t * g
             n = _square_sum(tg)
-            piece = (n, g_sq, _square_sum(tg.mul_(theta.float().abs().add_(eta))))  # u = T^2 g
+            pieces.append(torch.stack((n, g_sq, _square_sum(tg.mul_(t)))))  # u = T^2 g
         else:
-            u, n = direction(geometry, theta, g, eta, eta_f)
-            piece = (n.sum(dtype=torch.float64), g_sq, _square_sum(u))
-        sums += torch.stack(piece)
-    return sums
+            g2 = g.square()
+            f = g2.mul(eta_f).add_(1.0)  # f = 1 + eta_f g^2
+            n = _sum(g2.div_(f))  # sum g^2 / f
+            pieces.append(torch.stack((n, g_sq, _square_sum(g / f))))  # u = g / f
+    if not pieces:
+        return torch.zeros(NUM_SUMS, dtype=torch.float64, device=device)
+    return torch.stack(pieces).sum(dim=0)
+
+
+# Entries per float32 partial sum. One float32 reduction over a whole piece was off by 7e-4
+# (relative) on 10M normal entries; rows of 4096 added in float64 are within 7e-8 on 30M, at the
+# float32 speed (1.4 ms per 10M here, against 34 ms for a float64 reduction). Pieces smaller than
+# a row are summed in float64 outright: a small model's sums stay as exact as before.
+_ROW = 4096
+
+
+def _rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x flattened as (whole rows of _ROW entries, the remainder)."""
+    x = x.reshape(-1)
+    whole = x.numel() - x.numel() % _ROW
+    return x[:whole].view(-1, _ROW), x[whole:]
 
 
 def _square_sum(x: Tensor) -> Tensor:
-    """sum x^2 accumulated in float64, with no float64 copy of x."""
-    return torch.linalg.vector_norm(x, dtype=torch.float64).square()
+    """sum x^2 as a float64 scalar: float32 row norms squared and added in float64, the remainder
+    (under _ROW entries) in float64."""
+    rows, rest = _rows(x)
+    return torch.linalg.vector_norm(rows, dim=1).double().square().sum() + rest.double().square().sum()
+
+
+def _sum(x: Tensor) -> Tensor:
+    """sum x as a float64 scalar: float32 row sums added in float64, the remainder in float64."""
+    rows, rest = _rows(x)
+    return rows.sum(dim=1).double().sum() + rest.double().sum()
 
 
 def scale_factor(radius: float, normaliser: float, eps: float) -> float:
@@ -89,11 +111,18 @@ def scale_factor(radius: float, normaliser: float, eps: float) -> float:
 
 def ascent(geometry: str, theta: Tensor, g: Optional[Tensor], factor: float, eta: float,
            eta_f: float, inv_scale: float = 1.0) -> Tensor:
-    """theta + e for one local piece, float32; e = factor * u (zero where g is None)."""
+    """theta + e for one local piece, a new float32 tensor; e = factor * u (zero where g is None)."""
     if g is None or g.numel() == 0:
         return theta.float().clone()
-    u, _ = direction(geometry, theta, g, eta, eta_f, inv_scale)
-    return u.mul_(factor).add_(theta.float())
+    theta, g = _read(theta, g, inv_scale)
+    if geometry == "sam":
+        return torch.add(theta, g, alpha=factor)
+    if geometry == "asam":
+        t = _t(theta, eta)
+        return torch.addcmul(theta, t.mul_(t), g, value=factor)  # theta + factor T^2 g
+    if geometry == "fisher":
+        return torch.addcdiv(theta, g, g.square().mul_(eta_f).add_(1.0), value=factor)  # theta + factor g / f
+    raise ValueError(f"unknown geometry {geometry!r}; allowed: sam, asam, fisher")
 
 
 def e_norm(radius: float, sums: Tensor, eps: float) -> float:
