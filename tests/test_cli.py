@@ -105,6 +105,8 @@ def final_weights(output_dir) -> dict:
 def test_finetune_tiny_llama_zero3_then_resume(tmp_path):
     config = write_config(tmp_path, make_model_dir(tmp_path))
     run_a, run_b = tmp_path / "run_a", tmp_path / "run_b"
+    run_a.mkdir()
+    (run_a / "metrics.jsonl").write_text(json.dumps({"step": 9, "loss": 1.0}) + "\n")  # an older run's
     proc = finetune(config)
 
     logs = read_jsonl(run_a / "metrics.jsonl")
@@ -120,12 +122,14 @@ def test_finetune_tiny_llama_zero3_then_resume(tmp_path):
     assert "| in_domain |" in proc.stdout and "| out_of_domain |" in proc.stdout  # rank 0's table
 
     # B: A's step-2 checkpoint in its own output_dir, `resume: true` picks it up.
+    # The resumed run appends to the lines its first part wrote up to the checkpoint.
     run_b.mkdir()
     shutil.copytree(run_a / "checkpoint-2", run_b / "checkpoint-2")
+    (run_b / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in train_logs[:2]))
     finetune(config, "training.output_dir=run_b", "resume=true")
     resumed = [e for e in read_jsonl(run_b / "metrics.jsonl") if "loss" in e]
-    assert [e["step"] for e in resumed] == [3, 4]
-    for a, b in zip(train_logs[2:], resumed):
+    assert [e["step"] for e in resumed] == [1, 2, 3, 4]
+    for a, b in zip(train_logs[2:], resumed[2:]):
         assert b["tram/d"] == pytest.approx(a["tram/d"], rel=1e-6, abs=1e-12)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
     weights_a, weights_b = final_weights(run_a), final_weights(run_b)

@@ -293,10 +293,16 @@ def _table(results: dict[str, dict[str, float]]) -> str:
 
 
 def _jsonl_callback(path: str):
-    """Every log line (training, TRAM's tram/* metrics, evaluation) as one JSON object, rank 0 only."""
+    """Every log line (training, TRAM's tram/* metrics, evaluation) as one JSON object, rank 0 only.
+
+    A run from step 0 starts the file afresh; a resumed run appends to what its first part wrote."""
     from transformers import TrainerCallback
 
     class JsonlLogger(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and state.global_step == 0 and os.path.exists(path):
+                os.remove(path)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
