@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tram_dist import TRAM, TRAMConfig  # noqa: E402
+from tram_dist.cli import classification_metrics  # noqa: E402
 from tram_dist.demo import DOMAINS, OUT_OF_DOMAIN, find_sdist, read_corpora, write_splits  # noqa: E402
 
 METHODS = {
@@ -79,12 +80,11 @@ def build_model(model_dir: str, layers: int, seed: int):
 @torch.no_grad()
 def balanced_accuracy(model, tokenizer, rows, max_length: int) -> float:
     model.eval()
-    preds, labels = [], []
+    logits, labels = [], []
     for b in batches(tokenizer, rows, 128, max_length):
-        preds.append(model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1))
+        logits.append(model(**{k: v for k, v in b.items() if k != "labels"}).logits)
         labels.append(b["labels"])
-    preds, labels = torch.cat(preds), torch.cat(labels)
-    return statistics.mean(float((preds[labels == c] == c).float().mean()) for c in labels.unique())
+    return classification_metrics((torch.cat(logits).numpy(), torch.cat(labels).numpy()))["balanced_accuracy"]
 
 
 def eps_sharpness(model, batch: dict, eps: float = 1e-4, steps: int = 5) -> float:

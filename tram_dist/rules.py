@@ -24,9 +24,16 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .config import GEOMETRIES
+
 # Entries of the vector `local_sums` returns (and the caller reduces).
 NORMALISER, GRAD_SQ, DIRECTION_SQ = 0, 1, 2
 NUM_SUMS = 3
+
+
+def _check(geometry: str) -> None:
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown geometry {geometry!r}; allowed: {', '.join(GEOMETRIES)}")
 
 
 def _read(theta: Tensor, g: Tensor, inv_scale: float) -> tuple[Tensor, Tensor]:
@@ -51,8 +58,7 @@ def local_sums(geometry: str, thetas: Sequence[Tensor], grads: Sequence[Optional
     squared sum taken once; for sam, N = sum g^2 = sum u^2. A piece whose grad is None (unused, or
     empty on this rank) adds 0.
     """
-    if geometry not in ("sam", "asam", "fisher"):
-        raise ValueError(f"unknown geometry {geometry!r}; allowed: sam, asam, fisher")
+    _check(geometry)
     device = thetas[0].device if len(thetas) else torch.device("cpu")
     pieces = []
     for theta, g in zip(thetas, grads):
@@ -114,15 +120,14 @@ def ascent(geometry: str, theta: Tensor, g: Optional[Tensor], factor: float, eta
     """theta + e for one local piece, a new float32 tensor; e = factor * u (zero where g is None)."""
     if g is None or g.numel() == 0:
         return theta.float().clone()
+    _check(geometry)
     theta, g = _read(theta, g, inv_scale)
     if geometry == "sam":
         return torch.add(theta, g, alpha=factor)
     if geometry == "asam":
         t = _t(theta, eta)
         return torch.addcmul(theta, t.mul_(t), g, value=factor)  # theta + factor T^2 g
-    if geometry == "fisher":
-        return torch.addcdiv(theta, g, g.square().mul_(eta_f).add_(1.0), value=factor)  # theta + factor g / f
-    raise ValueError(f"unknown geometry {geometry!r}; allowed: sam, asam, fisher")
+    return torch.addcdiv(theta, g, g.square().mul_(eta_f).add_(1.0), value=factor)  # theta + factor g / f
 
 
 def e_norm(radius: float, sums: Tensor, eps: float) -> float:
