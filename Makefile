@@ -14,7 +14,7 @@ endif
 STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.tram_dist_installed
 DATA := .data/vaderSentiment-3.3.2.tar.gz
 
-.PHONY: setup data test demo bench experiments clean
+.PHONY: setup data test demo bench bench-llm experiments clean
 setup: $(STAMP) $(DATA)
 
 $(STAMP): pyproject.toml
@@ -39,6 +39,11 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench.py
+
+# A causal LM of Qwen2.5-0.5B's vocabulary and width (2 layers) on 2 ranks, ZeRO-3 and FSDP2:
+# peak memory per rank, step time over AdamW, host reads per step (bench/llm_results.json).
+bench-llm: setup
+	$(PY) bench/llm.py
 
 experiments: setup
 	$(PY) bench/experiments.py

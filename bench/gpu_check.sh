@@ -52,6 +52,17 @@ def measure(method: str) -> dict:
     torch.cuda.synchronize()
     out = {"method": method, "params": sum(p.numel() for p in model.parameters()),
            "step_s": (time.perf_counter() - start) / steps, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    # Host syncs of one more step: torch reports each synchronizing call; count those made from
+    # tram_dist's own code (the model's and the optimizer's are not TRAM's). README: at most 1.
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    out["host_syncs"] = len(syncs)
+    out["host_syncs_tram"] = sum("tram_dist" in w.filename for w in syncs)
     del model, optimizer, tram
     torch.cuda.empty_cache()
     return out

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from launcher import torchrun
+from machine import needs_deepspeed_fp16
 from tiny import LR, make_batches, make_model
 
 from tram_dist import TRAM, TRAMConfig
@@ -68,7 +69,8 @@ DIST_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(DIST_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_deepspeed_fp16 if c == "ds_fp16" else ())
+                                  for c in sorted(DIST_CASES)])
 def test_distributed_bad_input_fails_alike_on_every_rank_before_any_collective(tmp_path, case):
     stack = {"ds_fp16": "zero0"}.get(case, "zero2" if case.startswith("ds_") else "fsdp2")
     results = torchrun(tmp_path, "--stack", stack, "--bad", case)  # returns: nobody hung

@@ -12,6 +12,7 @@ import os
 import pytest
 
 from launcher import torchrun
+from machine import needs_deepspeed_fp16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "ds_configs", "zero*.json")))
@@ -21,7 +22,7 @@ def test_the_ready_configs_are_all_there():
     assert CONFIGS == sorted(f"zero{s}_{d}.json" for s in ("1", "2", "3", "3_offload") for d in ("bf16", "fp16"))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_deepspeed_fp16 if "fp16" in n else ()) for n in CONFIGS])
 def test_config_trains_with_tram(tmp_path, name):
     results = torchrun(tmp_path, "--stack", "zero3", "--ds-config", os.path.join(ROOT, "ds_configs", name))
     stage = int(name[4])

@@ -115,13 +115,17 @@ def test_one_packed_all_reduce_per_step(tmp_path_factory, stack, variant):
             # any other kind of collective (broadcast, all-to-all, ...) would be new
             assert set(step) <= {ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER} | set(base), (method, step)
         if stack == "zero3":
-            # Writing e (or a snapshot) releases the gathered copies; the next forward gathers
-            # them in DeepSpeed's bucketed prefetch, so a target forward adds at most one all-gather
-            # (re-gathering each held copy took one per parameter: 20 against SAM's 10 here).
-            sam_gathers = res["sam"]["collectives"][-1]["counts"].get(ALL_GATHER, 0)
+            # Writing e (or a snapshot) releases the gathered copies; nothing is re-gathered per
+            # parameter (that took 20 all-gathers against SAM's 10 here). SAM gathers the model
+            # once per forward (2 x 452 elements; this model's backward reuses them). A target
+            # forward runs between pass 1's forward and backward (the logits are released before
+            # the backward), so it gathers the model once and pass 1's backward once more: at
+            # most 5 full gathers (measured: 5 x 452, in 9 per-module all-gathers, with the
+            # default persistence threshold 2 x 452 for TRAM-x and 4 x 452 for snapshot targets).
+            sam = res["sam"]["collectives"][-1]["elements"].get(ALL_GATHER, 0)
             for method in PARITY_METHODS:
-                gathers = res[method]["collectives"][-1]["counts"].get(ALL_GATHER, 0)
-                assert gathers <= sam_gathers + 1, (method, rank, gathers, sam_gathers)
+                gathered = res[method]["collectives"][-1]["elements"].get(ALL_GATHER, 0)
+                assert gathered <= sam // 2 * 5, (method, rank, gathered, sam)
         sam = res["sam"]["collectives"][-1]
         extra = sam["elements"].get(ALL_GATHER, 0) - res["baseline"]["two_pass_elements"].get(ALL_GATHER, 0)
         expected = EXTRA_GATHER_ELEMENTS.get((stack, variant), 0)

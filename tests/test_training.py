@@ -9,6 +9,7 @@ import torch
 
 from checks import FP32_TOL, STEPS, assert_matches_reference, assert_skipped_step, max_diff
 from launcher import torchrun
+from machine import needs_deepspeed_fp16
 from reference import reference_run
 from stacks import CLIP
 from tiny import METHODS
@@ -53,6 +54,14 @@ def test_nonfinite_step_is_skipped_on_every_rank(tmp_path, stack, at_pass):
 RESUME_METHODS = ("tram_noised", "tram_previous", "tram_initial", "tram_ema", "tram_fisher")
 
 
+# TRAM-Fisher over 6 AdamW steps at scale 100 amplifies rounding: the local backend and the reference,
+# the same math in float64, end 2.0e-6 apart (3 steps: 1.2e-7), and a float32 KL instead of a float64
+# one moves the weights by 2.8e-5. A resume that loses any piece of TRAM's state (the noise generator,
+# the carried KL, the step count) moves them by 3.5e-2 or more (measured one process, all three),
+# so 1e-5 still tells a lost state from rounding by three orders of magnitude.
+RESUME_TOL = {"tram_fisher": 1e-5}
+
+
 @pytest.mark.parametrize("stack", ["ddp", "fsdp2", "zero3"])
 def test_resume_equals_straight_run(tmp_path, stack):
     """3 steps, save, fresh processes, load, 3 more steps == 6 steps straight (the reference),
@@ -69,7 +78,7 @@ def test_resume_equals_straight_run(tmp_path, stack):
         ref_state, _ = reference_run(METHODS[method], 6)
         for rank, res in enumerate(results):
             diff = max_diff(res[method]["state"], ref_state)
-            assert diff <= FP32_TOL, f"{stack} {method} rank {rank}: resumed run off by {diff:.3g}"
+            assert diff <= RESUME_TOL.get(method, FP32_TOL), f"{stack} {method} rank {rank}: resumed run off by {diff:.3g}"
 
 
 MICRO_METHODS = ("sam", "asam", "tram_noised", "tram_previous")
@@ -140,6 +149,7 @@ def test_overflow_skips_the_step_on_every_rank_and_backs_off(tmp_path, stack, va
 FP16_TOL = 2.6e-4
 
 
+@needs_deepspeed_fp16
 @pytest.mark.parametrize("stack", ["zero2", "zero3"])
 def test_deepspeed_fp16_parity(tmp_path, stack):
     """DeepSpeed fp16 with its dynamic loss scaler (2^16): TRAM reads the fragments times
@@ -157,6 +167,7 @@ def test_deepspeed_fp16_parity(tmp_path, stack):
             assert diff <= FP16_TOL, f"{stack} {method} rank {rank}: fp16 weights off by {diff:.3g}"
 
 
+@needs_deepspeed_fp16
 @pytest.mark.parametrize("at_pass", [1, 2])
 @pytest.mark.parametrize("stack", ["zero2", "zero3"])
 def test_deepspeed_fp16_overflow_skips_on_every_rank(tmp_path, stack, at_pass):

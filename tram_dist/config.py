@@ -70,6 +70,12 @@ class TRAMConfig:
     m-sharpness; local and DDP only: sharded parameters hold one perturbation for all ranks)."""
     eps: float = 1e-12
     """Guard added to every norm in a denominator."""
+    kl_chunk: int = 1 << 21
+    """Logits entries per chunk of the divergence (positions per chunk: max(1, kl_chunk // vocabulary));
+    its temporaries are about 3 x kl_chunk float64 entries (48 MB at the default), whatever B and T are."""
+    head_chunks: bool = True
+    """Make the target's logits chunk by chunk through the output layer where the model has one (HF
+    get_output_embeddings: causal and masked LMs) and the forward is a built-in one: they never exist whole."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -110,6 +116,10 @@ class TRAMConfig:
             raise ValueError(f"TRAMConfig.interval must be an int >= 1, got {self.interval!r}")
         if self.max_grad_norm is not None:
             _number("max_grad_norm", self.max_grad_norm, low=0.0, open_interval=True)
+        if not isinstance(self.kl_chunk, int) or isinstance(self.kl_chunk, bool) or self.kl_chunk < 1:
+            raise ValueError(f"TRAMConfig.kl_chunk must be an int >= 1, got {self.kl_chunk!r}")
+        if not isinstance(self.head_chunks, bool):
+            raise ValueError(f"TRAMConfig.head_chunks must be True or False, got {self.head_chunks!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"TRAMConfig.seed must be an int, got {self.seed!r}")
 

@@ -10,9 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+
+
+def returns_model_logits(fn):
+    """Mark a forward function whose logits are the model's own output logits, unchanged: for such
+    a function TRAM may make the target's logits chunk by chunk through the LM head (tram_dist.head)."""
+    fn.returns_model_logits = True
+    return fn
 
 
 def _call(model: nn.Module, batch: Any):
@@ -29,6 +37,7 @@ def _loss_logits(out) -> tuple[Tensor, Tensor]:
     return out[0], out[1]
 
 
+@returns_model_logits
 def default_forward(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """HF-style: ``model(**batch)`` returning ``.loss`` and ``.logits`` (or a (loss, logits) tuple).
 
@@ -38,15 +47,23 @@ def default_forward(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Optio
     return loss, logits, None
 
 
+@returns_model_logits
 def causal_lm_forward(model: nn.Module, batch: Mapping) -> tuple[Tensor, Tensor, Tensor]:
     """A causal LM: position t predicts token t+1; it counts where label t+1 is not ignored
-    and the attention mask of token t+1 is 1."""
+    and the attention mask of token t+1 is 1 (see next_token_mask). The logits are returned
+    whole, [B, T, V], aligned with the model's positions (no shifted copy or view)."""
     loss, logits = _loss_logits(_call(model, batch))
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    if batch.get("attention_mask") is not None:
-        mask = mask & batch["attention_mask"][:, 1:].bool()
-    return loss, logits[:, :-1], mask
+    return loss, logits, next_token_mask(batch["labels"], batch.get("attention_mask"))
+
+
+def next_token_mask(labels: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """[B, T] bool: position t counts when label t+1 is not ignored (and token t+1 is attended to);
+    the last position predicts nothing."""
+    mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    if attention_mask is not None:
+        mask[:, :-1] &= attention_mask[:, 1:].bool()
+    return mask
 
 
 def split_output(result) -> tuple[Tensor, Tensor, Optional[Tensor]]:

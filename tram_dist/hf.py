@@ -31,7 +31,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .config import TRAMConfig
-from .forward import IGNORE_INDEX
+from .forward import IGNORE_INDEX, next_token_mask, returns_model_logits
 from .optimizer import TRAM
 
 STATE_FILE = "tram_rank{rank}.pt"
@@ -107,26 +107,26 @@ class TRAMTrainer(Trainer):
         tram = self._tram_for(model)
         # DeepSpeed: TRAM takes engine.step(); elsewhere the Trainer clips and steps after this.
         metrics = tram.step(window, update=not tram.backend.caller_may_update)
-        for key in LOGGED:
-            if key in metrics and math.isfinite(metrics[key]):
+        for key in LOGGED:  # kept as they come (some are device tensors): read when logged
+            if key in metrics:
                 self._tram_logs[key].append(metrics[key])
         loss = metrics.get("loss", metrics.get("loss_local", math.nan))
         # The Trainer sums what each micro-batch returns: the window's mean loss, returned once.
-        return torch.tensor(loss, device=self.args.device)
+        return loss.detach().float() if torch.is_tensor(loss) else torch.tensor(loss, device=self.args.device)
 
     def _tram_for(self, model) -> TRAM:
         """TRAM over the model as the Trainer wrapped it, made at the first step (after any resume)."""
         if self.tram is None:
             optimizer = None if self.is_deepspeed_enabled else getattr(self.optimizer, "optimizer", self.optimizer)
-            self.tram = TRAM(model, optimizer, self.tram_config, forward_fn=self._forward)
+            forward = self.tram_forward if self.tram_forward is not None else self._forward
+            self.tram = TRAM(model, optimizer, self.tram_config, forward_fn=forward)
             if self._tram_resume is not None:
                 self.tram.load_state_dict(torch.load(self._state_path(self._tram_resume), weights_only=False))
         return self.tram
 
+    @returns_model_logits
     def _forward(self, module, inputs):
         """(loss, logits, mask) through the Trainer's own compute_loss (label smoothing, custom losses)."""
-        if self.tram_forward is not None:
-            return self.tram_forward(module, inputs)
         with self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(module, inputs, return_outputs=True)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
@@ -135,7 +135,10 @@ class TRAMTrainer(Trainer):
     # -- logs and checkpoints ----------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._tram_logs and "loss" in logs:  # a training log: add TRAM's means since the last one
-            logs.update({f"tram/{k}": sum(v) / len(v) for k, v in self._tram_logs.items()})
+            for key, values in self._tram_logs.items():
+                finite = [v for v in map(float, values) if math.isfinite(v)]
+                if finite:
+                    logs[f"tram/{key}"] = sum(finite) / len(finite)
             self._tram_logs.clear()
         super().log(logs, *args, **kwargs)
 
@@ -166,12 +169,12 @@ class TRAMTrainer(Trainer):
 
 def _predictions(logits: torch.Tensor, inputs: dict, shifts_labels: bool):
     """The logits that count in the divergence, and their mask: a causal LM's position t predicts
-    token t+1; token-level labels count where not ignored; a sequence label counts once."""
+    token t+1 (the logits stay whole, the last position masked out); token-level labels count
+    where not ignored; a sequence label counts once."""
     labels, attention = inputs.get("labels"), inputs.get("attention_mask")
-    if shifts_labels:
-        logits = logits[:, :-1]
-        labels = labels[:, 1:] if labels is not None else None
-        attention = attention[:, 1:] if attention is not None else None
+    if shifts_labels and labels is not None:
+        attention = attention if attention is not None and attention.shape == labels.shape else None
+        return logits, next_token_mask(labels, attention)
     if labels is None or labels.shape != logits.shape[:-1]:
         return logits, None
     mask = labels != IGNORE_INDEX

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -12,6 +13,7 @@ from . import divergence, rules
 from .backends import make_backend
 from .config import TRAMConfig
 from .forward import default_forward, split_output
+from .head import HeadTap
 from .targets import NoisedInput, Snapshot
 
 # The local partials a step accumulates, and their places in the packed vector of the step's
@@ -24,8 +26,9 @@ class TRAM:
     """Wraps a model (plain, DDP, FSDP1, FSDP2) and its base optimizer, or a DeepSpeed engine.
 
     One step (TRAM_SPEC.md section 4):
-      1. pass 1 at theta over the step's micro-batches; for each, a no-grad target forward and
-         the local KL sum and count;
+      1. pass 1 at theta over the step's micro-batches; for each, between its forward and its
+         backward, a no-grad target forward and the local KL sum and count, chunk by chunk (its
+         logits are released before the backward, so they add nothing to the backward's peak);
       2. ONE all-reduce of [N, sum g^2, sum u^2, KL sum, KL count, loss sum, loss count];
       3. d_t = scale * KL sum / KL count (clamped at rho_max), or the fixed rho without a target;
          e = d_t * u / (sqrt(N) + eps) on each rank's own shard; theta <- theta + e;
@@ -33,7 +36,11 @@ class TRAM:
       5. restore theta exactly, refresh the target snapshot, base optimizer step with g'.
 
     Use ``step(batches)`` in a plain loop, or the explicit calls ``observe`` (after each pass-1
-    backward), ``ascent_step`` and ``descent_step`` around a second pass you run yourself.
+    forward), ``ascent_step`` and ``descent_step`` around a second pass you run yourself.
+
+    Host reads: losses, KL sums and counts stay on the device; a step reads one packed vector
+    back (the all-reduce's result, for the radius and the skip decision). Metrics that would need
+    another read (loss_perturbed, loss_local) are 0-d tensors on the device: reading them is yours.
     """
 
     def __init__(self, model: Any, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -53,6 +60,7 @@ class TRAM:
             self.noised = NoisedInput(embedding, self.config.sigma, self.config.noise, self.config.seed, self.backend.rank)
         elif target is not None:
             self.snapshot = Snapshot(target, self.config.ema_decay)
+        self.tap = HeadTap.find(self.backend.inner_module) if self._may_tap() else None
         self.step_count = 0
         self._partial = torch.zeros(4, dtype=torch.float64)
         self._started = False
@@ -77,21 +85,28 @@ class TRAM:
         sync = self.config.scope == "global"  # scope "rank": pass 1 keeps each rank's own gradient
         for i, batch in enumerate(micro):
             with self.backend.micro_batch(i, n, sync=sync):
-                with self.first_pass():
-                    loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
-                self.backend.backward(loss, n)
-            self.observe(batch, logits, mask, loss)
+                self.backend.backward(self._first_forward(batch), n)
         self.ascent_step()
-        perturbed = sum(self._second_pass(batch, i, n) for i, batch in enumerate(micro)) / n
+        perturbed = torch.stack([self._second_pass(batch, i, n) for i, batch in enumerate(micro)]).mean()
         return self.descent_step(loss_perturbed=perturbed, update=update)
 
-    def _second_pass(self, batch: Any, index: int, n: int, reduce_each: bool = False) -> float:
-        """Pass 2 on one micro-batch at theta + e; its gradient is scaled by 1/n."""
+    def _first_forward(self, batch: Any) -> Tensor:
+        """Pass-1 forward of one micro-batch and its observation; returns the loss for the backward.
+        The logits go out of scope here, before the backward (the KL has been taken already)."""
+        with self.first_pass():
+            loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
+        self.observe(batch, logits, mask, loss)
+        return loss
+
+    def _second_pass(self, batch: Any, index: int, n: int, reduce_each: bool = False) -> Tensor:
+        """Pass 2 on one micro-batch at theta + e; its gradient is scaled by 1/n. Returns the loss (on
+        the device); TRAM-Fisher's KL is taken before the backward, so the logits are gone by then."""
         with self.backend.micro_batch(0, 1) if reduce_each else self.backend.micro_batch(index, n):
             loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
+            self.observe_perturbed(logits, mask)
+            del logits
             self.backend.backward(loss, n)
-        self.observe_perturbed(logits, mask)
-        return float(loss.detach())
+        return loss.detach()
 
     def _micro_step(self, micro: list, update: bool) -> dict[str, float]:
         """mode "micro": for each micro-batch its own pass 1 (the gradient of its mean loss), one
@@ -101,9 +116,7 @@ class TRAM:
         for i, batch in enumerate(micro):
             stash = self.backend.stash_grads() if i > 0 else None
             with self.backend.micro_batch(0, 1, sync=self.config.scope == "global"):
-                loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
-                self.backend.backward(loss, 1)
-            self.observe(batch, logits, mask, loss)
+                self.backend.backward(self._first_forward(batch), 1)
             radii.append(self.ascent_step())
             perturbed += self._second_pass(batch, i, n, reduce_each=True) / n
             self.backend.restore()
@@ -119,7 +132,7 @@ class TRAM:
             with self.backend.micro_batch(i, n):
                 loss, _, _ = split_output(self.forward_fn(self.backend.forward_module, batch))
                 self.backend.backward(loss, n)
-            loss_sum += float(loss.detach())
+            loss_sum = loss_sum + loss.detach()
         self._metrics = {"tram": 0.0}
         return self.descent_step(loss_perturbed=None, update=update) | {"loss_local": loss_sum / n}
 
@@ -129,30 +142,35 @@ class TRAM:
         return self.noised.active() if self.config.noised_pass else contextlib.nullcontext()
 
     def observe_perturbed(self, logits: Tensor, mask: Optional[Tensor] = None) -> None:
-        """TRAM-Fisher only (a no-op otherwise): after each pass-2 forward, in micro-batch order,
-        the local KL(p(x+z; theta) || p(x; theta+e)) that the next step's radius is made of."""
+        """TRAM-Fisher only (a no-op otherwise): after each pass-2 forward (before its backward
+        saves memory), in micro-batch order, the local KL(p(x+z; theta) || p(x; theta+e)) that the
+        next step's radius is made of. The held pass-1 logits are released here."""
         if not self.config.noised_pass or self._skip:
             return
-        target, target_mask = self._held.pop(0)
-        self._add_kl(logits, target, target_mask)
+        target, _ = self._held.pop(0)
+        self._add_kl(divergence.kl_sum_count(logits, target, self.config.divergence, mask, self.config.kl_chunk))
 
     def observe(self, batch: Any, logits: Tensor, mask: Optional[Tensor] = None,
                 loss: Optional[Tensor] = None) -> None:
         """Record one pass-1 micro-batch: its loss, and the target forward's local KL sum/count.
 
-        Call it after that micro-batch's backward (a snapshot target rewrites the parameters
-        in place, which must not happen while autograd still needs them).
+        Call it after that micro-batch's forward, before or after its backward. Before is what
+        ``step`` does: the logits can then be released before the backward's peak. A snapshot
+        target is loaded into the parameters for its forward and restored bit for bit before
+        this returns, so the pending backward sees theta. TRAM-Fisher keeps the logits (in the
+        model's dtype) until that micro-batch's pass 2.
         """
         self._begin()
         if loss is not None:
-            self._partial[_PARTIAL_LOSS_SUM] += float(loss.detach())
+            self._to_device(loss.device)
+            self._partial[_PARTIAL_LOSS_SUM] += loss.detach().double()
             self._partial[_PARTIAL_LOSS_COUNT] += 1
         if self.config.noised_pass:  # pass 1 ran on noised inputs: its logits are the target
             self._held.append((logits.detach(), mask))
             return
-        target = self._target_logits(batch)
-        if target is not None:
-            self._add_kl(logits, target, mask)
+        kl = self._target_kl(batch, logits.detach(), mask)
+        if kl is not None:
+            self._add_kl(kl)
 
     @torch.no_grad()
     def ascent_step(self) -> float:
@@ -167,13 +185,17 @@ class TRAM:
         sums = rules.local_sums(cfg.geometry, thetas, grads, cfg.eta, cfg.eta_f, inv)
         sums = sums if local else sums * backend.norm_weight
         vector = torch.cat([sums, self._partial.to(sums.device)])
-        own = vector.detach().cpu().clone() if local else None  # all_reduce works in place
-        packed = backend.all_reduce(vector).cpu()  # the step's one collective
+        if local:  # all_reduce works in place: keep the local values next to the reduced ones
+            vector = torch.cat([vector, vector])
+            backend.all_reduce(vector[: vector.numel() // 2])
+        else:
+            backend.all_reduce(vector)  # the step's one collective
+        packed = vector.tolist()  # the step's one host read
         if local:  # e from the local values; the reduced copy still decides a skip, alike everywhere
-            own[torch.logical_not(torch.isfinite(packed))] = math.nan
-            packed = own
+            half = len(packed) // 2
+            packed = [o if math.isfinite(p) else math.nan for p, o in zip(packed[:half], packed[half:])]
         self._metrics = {"tram": 1.0}
-        if not bool(torch.isfinite(packed).all()):
+        if not all(math.isfinite(v) for v in packed):
             # Every rank holds the same reduced values, so every rank skips alike: theta stays,
             # the gradients are dropped and descent_step makes no update.
             self._skip = True
@@ -236,13 +258,13 @@ class TRAM:
             raise ValueError("update=False leaves clipping and loss scaling to the caller: set "
                              "TRAMConfig.max_grad_norm=None and pass TRAM no scaler")
 
-    def _end_step(self, loss_perturbed: Optional[float]) -> dict[str, float]:
+    def _end_step(self, loss_perturbed) -> dict[str, Any]:
         self.step_count += 1
         self._started = self._skip = False
         self._held.clear()
         metrics = {"step": float(self.step_count), "skipped": 0.0, **self._metrics}
         if loss_perturbed is not None:
-            metrics["loss_perturbed"] = float(loss_perturbed)
+            metrics["loss_perturbed"] = loss_perturbed  # a 0-d tensor from step(): not read here
         return metrics
 
     # -- state ---------------------------------------------------------------------------------
@@ -285,11 +307,22 @@ class TRAM:
         return (self.backend.update_may_skip() and self.snapshot is not None
                 and self.snapshot.tensors is not None and self.snapshot.kind != "initial")
 
-    def _add_kl(self, current: Tensor, target: Tensor, mask: Optional[Tensor]) -> None:
-        """Add one micro-batch's local KL sum and prediction count to the step's partials."""
-        kl_sum, count = divergence.kl_sum_count(current, target, self.config.divergence, mask)
-        self._partial[_PARTIAL_KL_SUM] += float(kl_sum)
-        self._partial[_PARTIAL_KL_COUNT] += float(count)
+    def _add_kl(self, kl: tuple[Tensor, Tensor]) -> None:
+        """Add one micro-batch's local KL sum and prediction count to the step's partials (on the device)."""
+        kl_sum, count = kl
+        self._to_device(kl_sum.device)
+        self._partial[_PARTIAL_KL_SUM] += kl_sum
+        self._partial[_PARTIAL_KL_COUNT] += count
+
+    def _to_device(self, device: torch.device) -> None:
+        if self._partial.device != device:
+            self._partial = self._partial.to(device)
+
+    def _may_tap(self) -> bool:
+        """Chunked target logits through the LM head: a built-in forward, a target forward to make."""
+        cfg = self.config
+        has_forward = cfg.target is not None and not cfg.noised_pass
+        return cfg.head_chunks and has_forward and getattr(self.forward_fn, "returns_model_logits", False)
 
     def _begin(self) -> None:
         if not self._started:
@@ -297,17 +330,34 @@ class TRAM:
             if self.snapshot is not None:
                 self.snapshot.start(self.backend.local_params())
 
-    def _target_logits(self, batch: Any) -> Optional[Tensor]:
+    def _target_kl(self, batch: Any, current: Tensor, mask: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor]]:
+        """The target forward of one micro-batch and its local (KL sum, count); None without a target
+        (yet). A snapshot is loaded for the forward and theta restored, bit for bit, before returning."""
         if self.noised is not None:
-            with torch.no_grad(), self.noised.active():
-                return split_output(self.forward_fn(self.backend.target_module, batch))[1]
-        if self.snapshot is not None and self.snapshot.has_history:
+            context = self.noised.active()
+        elif self.snapshot is not None and self.snapshot.has_history:
             self.backend.load(self.snapshot.tensors)
-            with torch.no_grad():
-                logits = split_output(self.forward_fn(self.backend.target_module, batch))[1]
-            self.backend.restore()
-            return logits
-        return None
+            context = contextlib.nullcontext()
+        else:
+            return None
+        try:
+            with torch.no_grad(), context:
+                return self._measure(batch, current, mask)
+        finally:
+            if self.snapshot is not None:
+                self.backend.restore()
+
+    def _measure(self, batch: Any, current: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        cfg, module = self.config, self.backend.target_module
+        if self.tap is not None and not self.tap.disabled and isinstance(batch, Mapping):
+            # The target's logits a chunk at a time inside the LM head; no labels: no loss computed.
+            with self.tap.measuring(current, mask, cfg.divergence, cfg.kl_chunk) as job:
+                output = module(**{k: v for k, v in batch.items() if k != "labels"})
+            if self.tap.accept(job, output):
+                return job["kl"]
+            # Not measured in the head (see HeadTap): the full target forward once more.
+        target = split_output(self.forward_fn(module, batch))[1]
+        return divergence.kl_sum_count(current, target, cfg.divergence, mask, cfg.kl_chunk)
 
     def _radius(self, packed: Tensor) -> float:
         cfg = self.config

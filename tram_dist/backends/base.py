@@ -233,8 +233,11 @@ class TensorBackend(Backend):
         """Bring the parameters back to their sharded, between-passes form (FSDP2 needs it)."""
 
     def local_params(self) -> list[Tensor]:
+        # .data, not .detach(): a write must not bump the parameter's autograd version, since a
+        # target forward may run between a pass's forward and its backward (theta is restored bit
+        # for bit before that backward runs).
         self._settle()
-        return [self._local(p).detach() for p in self._params()]
+        return [self._local(p).data for p in self._params()]
 
     def local_grads(self) -> list[Optional[Tensor]]:
         return [None if p.grad is None else self._local(p.grad) for p in self._params()]

@@ -1,0 +1,235 @@
+"""`make bench-llm`: a TRAM step at a real LLM's vocabulary and width, memory first.
+
+    python bench/llm.py                        # ZeRO-3 and FSDP2, 2 layers; table, bench/llm_results.json
+    python bench/llm.py --layers 24 --stacks zero3 --rounds 1   # the full-depth memory run (~8 min)
+
+The model is a causal LM built from a config with Qwen2.5-0.5B's shape (vocabulary 151,936,
+hidden 896, 14 heads, 2 KV heads, intermediate 4,864, tied embeddings), random weights, nothing
+downloaded; by default 2 of its 24 layers so that a step takes seconds here. Each rank trains on
+one sequence of 512 tokens: one fp32 logits tensor of the rank's micro-batch is
+L = 1 x 512 x 151,936 x 4 bytes = 311 MB, more than the 2 layers' weights.
+
+Each (stack, method) runs in its own 2-rank torchrun job, so that its peak memory is its own:
+two AdamW steps first (gradients and AdamW's state then exist, as in any run past its first
+step), whose peak RSS (ru_maxrss; on a GPU also the allocator's peak) is AdamW's peak; then
+rounds of [a step of the method, an AdamW step] side by side, each timed. Per rank it reports
+the peak over AdamW's in the same process (extra_over_adamw_L, in units of L), the step time
+over the AdamW step of the same round (median and range over the rounds), and the host reads of
+a method's step made by tram_dist's code (tests/host_reads.py: torch's conversions to Python
+values, counted; DeepSpeed's and the model's own are theirs). weight_copy_L is what TRAM holds
+by design on the weight side: a copy of the local shard of theta while theta + e is loaded (on
+FSDP2; none on ZeRO-3, whose fp32 masters hold theta) and a snapshot target's fp32 shard, so activation_extra_L = extra_over_adamw_L - weight_copy_L is the logits side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from host_reads import HostReads  # noqa: E402
+from launcher import free_port  # noqa: E402
+
+VOCAB, HIDDEN, SEQ = 151_936, 896, 512
+METHODS = {
+    "sam": dict(geometry="sam", target=None),
+    "tram_x": dict(target="noised_input", scale=10.0, rho_max=1.0),
+    "tram_previous": dict(target="previous", scale=6000.0, rho_max=1.0),
+    "tram_fisher": dict(geometry="fisher", target="noised_input", noised_pass=True, scale=3.0, rho_max=1.0),
+}
+STACKS = ("zero3", "fsdp2")
+L_BYTES = SEQ * VOCAB * 4
+
+
+def build_model(layers: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, num_hidden_layers=layers, tie_word_embeddings=True,
+                         max_position_embeddings=SEQ, attention_dropout=0.0)
+    return Qwen2ForCausalLM(config)
+
+
+def wrap(stack: str, model):
+    """(what TRAM wraps, base optimizer or None)."""
+    if stack == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-5)
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # a 100 s JIT build nothing here uses
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5), config={
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
+    return engine, None
+
+
+def base_step(wrapped, optimizer, batch) -> None:
+    if optimizer is None:  # DeepSpeed
+        loss = wrapped(**batch).loss
+        wrapped.backward(loss)
+        wrapped.step()
+        return
+    loss = wrapped(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def worker(args) -> None:
+    from tram_dist import TRAM, TRAMConfig
+    from tram_dist.forward import causal_lm_forward
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    model = build_model(args.layers)
+    wrapped, optimizer = wrap(args.stack, model)
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, VOCAB, (1, SEQ), generator=g)
+    batch = dict(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids))
+    cuda = torch.cuda.is_available()
+    base_step(wrapped, optimizer, batch)  # AdamW's state exists from here on, as past any first step
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base_step(wrapped, optimizer, batch)
+    adamw_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    adamw_allocated = torch.cuda.max_memory_allocated() if cuda else 0
+    tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[args.method]), forward_fn=causal_lm_forward)
+    base_times, times, read_counts = [], [], []
+    for _ in range(args.rounds):
+        dist.barrier()
+        with HostReads() as reads:
+            start = time.perf_counter()
+            tram.step(batch)
+            times.append(time.perf_counter() - start)
+        read_counts.append(len(reads.calls))
+        dist.barrier()
+        start = time.perf_counter()
+        base_step(wrapped, optimizer, batch)
+        base_times.append(time.perf_counter() - start)
+    result = {
+        "rank": rank, "stack": args.stack, "method": args.method, "layers": args.layers,
+        "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "adamw_rss_bytes": adamw_rss,
+        "base_step_s": base_times, "step_s": times, "host_reads_per_step": read_counts,
+        "weight_copy_bytes": weight_copy_bytes(args.stack, wrapped),
+        "snapshot_bytes": tram.snapshot.nbytes() if tram.snapshot is not None else 0,
+    }
+    if cuda:
+        result.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(), adamw_allocated_bytes=adamw_allocated)
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    from tram_dist.shutdown import exit_run
+
+    exit_run()
+
+
+def weight_copy_bytes(stack: str, wrapped) -> int:
+    """TRAM's copy of theta while theta + e is loaded: the local shards on FSDP2, none on ZeRO-3."""
+    if stack != "fsdp2":
+        return 0
+    return sum(p.to_local().numel() * p.element_size() for p in wrapped.parameters() if p.requires_grad)
+
+
+def launch(stack: str, method: str, args) -> list[dict]:
+    out = os.path.join(args.tmp, f"{stack}_{method}_{args.layers}")
+    os.makedirs(out, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.abspath(__file__), "--worker", "--stack", stack,
+           "--method", method, "--layers", str(args.layers), "--rounds", str(args.rounds), "--out", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{stack} {method} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+
+
+def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
+    """One row per (method, rank): peak memory over AdamW's in the same process, ratios with their range."""
+    rows = []
+    for method, ranks in ranks_by_method.items():
+        for r in ranks:
+            row = {k: r[k] for k in ("stack", "method", "layers", "rank", "params", "peak_rss_bytes", "adamw_rss_bytes")}
+            extra = r["peak_rss_bytes"] - r["adamw_rss_bytes"]
+            row["extra_over_adamw_L"] = extra / L_BYTES
+            weights = r["weight_copy_bytes"] + r.get("snapshot_bytes", 0)
+            row["weight_copy_L"] = weights / L_BYTES
+            row["activation_extra_L"] = (extra - weights) / L_BYTES
+            if "peak_allocated_bytes" in r:
+                row["extra_allocated_L"] = (r["peak_allocated_bytes"] - r["adamw_allocated_bytes"]) / L_BYTES
+            ratios = [t / b for t, b in zip(r["step_s"], r["base_step_s"])]
+            row["step_time_ratio"] = statistics.median(ratios)
+            row["ratio_range"] = [min(ratios), max(ratios)]
+            row["base_step_s"] = statistics.median(r["base_step_s"])
+            row["host_reads_per_step"] = max(r["host_reads_per_step"])
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"L = one fp32 logits tensor of a rank's micro-batch = {L_BYTES / 1e6:.0f} MB",
+             "| stack | layers | method | rank | peak RSS GB (AdamW's) | extra over AdamW (L) | of it TRAM's theta copy (L) "
+             "| logits side (L) | step / AdamW step (range) | host reads / step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["ratio_range"]
+        lines.append(f"| {r['stack']} | {r['layers']} | {r['method']} | {r['rank']} | {r['peak_rss_bytes'] / 1e9:.2f} "
+                     f"({r['adamw_rss_bytes'] / 1e9:.2f})"
+                     f"| {r['extra_over_adamw_L']:+.2f} | {r['weight_copy_L']:.2f} | {r['activation_extra_L']:+.2f} "
+                     f"| {r['step_time_ratio']:.2f} ({lo:.2f}-{hi:.2f}) | {r['host_reads_per_step']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stack", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stacks", default=",".join(STACKS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tmp", default="/tmp/tram_bench_llm")
+    p.add_argument("--json", default=os.path.join(ROOT, "bench", "llm_results.json"))
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    methods = args.methods.split(",")
+    rows = []
+    for stack in args.stacks.split(","):
+        start = time.perf_counter()
+        rows += records({m: launch(stack, m, args) for m in methods})
+        print(f"{stack}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(table(rows))
+    results = json.load(open(args.json)) if os.path.exists(args.json) else {}
+    key = f"layers{args.layers}"
+    measured = {(r["stack"], r["method"]) for r in rows}  # a partial rerun replaces only its own rows
+    kept = [r for r in results.get(key, {}).get("rows", []) if (r["stack"], r["method"]) not in measured]
+    results[key] = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "L_bytes": L_BYTES,
+                    "rows": sorted(kept + rows, key=lambda r: (r["stack"], list(METHODS).index(r["method"]), r["rank"]))}
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
