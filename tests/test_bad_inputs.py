@@ -28,6 +28,20 @@ def _step(tram):
     return tram.step(make_batches(1)[0])
 
 
+def _observe_then_step():
+    tram, batch = _tram(TRAMConfig(target="noised_input")), make_batches(1)[0]
+    loss, logits = tram.backend.model(**batch)
+    tram.observe(batch, logits, loss=loss)
+    tram.step(batch)
+
+
+def _forward_around_the_embedding(model, batch):
+    """Looks the embeddings up without calling the embedding layer (as inputs_embeds would)."""
+    h = torch.tanh(model.fc1(model.embed.weight[batch["input_ids"]])).mean(dim=1)
+    logits = model.fc2(h)
+    return torch.nn.functional.cross_entropy(logits, batch["labels"]), logits
+
+
 LOCAL_CASES = {
     "unknown_geometry": (lambda: TRAMConfig(geometry="adam"), r"TRAMConfig\.geometry must be one of \['sam', 'asam', 'fisher'\]"),
     "unknown_target": (lambda: TRAMConfig(target="prev"), r"TRAMConfig\.target must be one of"),
@@ -45,6 +59,12 @@ LOCAL_CASES = {
     "fp16_without_scaler": (
         lambda: TRAM(make_model(0).half(), torch.optim.SGD(make_model(0).parameters(), lr=0.1), TRAMConfig(target=None)),
         r"scaler: the model computes in float16, which needs loss scaling"),
+    "empty_step": (lambda: _tram().step([]), r"tram\.step got an empty list of micro-batches"),
+    "step_while_explicit_step_open": (_observe_then_step, r"tram\.step\(\) while an explicit step is open"),
+    "descent_without_ascent": (lambda: _tram().descent_step(), r"descent_step\(\) without ascent_step\(\)"),
+    "noised_input_layer_never_runs": (
+        lambda: _step(_tram(TRAMConfig(target="noised_input"), forward_fn=_forward_around_the_embedding)),
+        r"target='noised_input': the input-embedding layer never ran in the noised forward"),
     "mask_of_the_wrong_shape": (
         lambda: _step(_tram(TRAMConfig(target="noised_input"), forward_fn=lambda m, b: (*m(**b), torch.ones(3, dtype=torch.bool)))),
         r"mask \(3,\) must match the prediction shape \(8,\)"),

@@ -63,7 +63,7 @@ class TRAM:
         self.tap = HeadTap.find(self.backend.inner_module) if self._may_tap() else None
         self.step_count = 0
         self._partial = torch.zeros(4, dtype=torch.float64)
-        self._started = False
+        self._started = self._ascended = False
         self._metrics: dict[str, float] = {}
         self._held: list[tuple[Tensor, Optional[Tensor]]] = []  # TRAM-Fisher's pass-1 logits
         self._skip = False
@@ -76,6 +76,11 @@ class TRAM:
         caller that clips and steps the base optimizer itself (the HF Trainer; not DeepSpeed)."""
         micro = list(batches) if isinstance(batches, list) else [batches]
         n = len(micro)
+        if n == 0:
+            raise ValueError("tram.step got an empty list of micro-batches: pass one batch or a non-empty list")
+        if self._started:
+            raise ValueError("tram.step() while an explicit step is open (observe/ascent_step called without "
+                             "descent_step): finish that step with descent_step() first")
         self._check_update(update)
         self.backend.check_micro_batches(n)
         if self.step_count % self.config.interval != 0:
@@ -134,7 +139,7 @@ class TRAM:
                 self.backend.backward(loss, n)
             loss_sum = loss_sum + loss.detach()
         self._metrics = {"tram": 0.0}
-        return self.descent_step(loss_perturbed=None, update=update) | {"loss_local": loss_sum / n}
+        return self._descend(None, update) | {"loss_local": loss_sum / n}
 
     # -- the explicit calls -----------------------------------------------------------------
     def first_pass(self):
@@ -166,6 +171,7 @@ class TRAM:
             self._partial[_PARTIAL_LOSS_SUM] += loss.detach().double()
             self._partial[_PARTIAL_LOSS_COUNT] += 1
         if self.config.noised_pass:  # pass 1 ran on noised inputs: its logits are the target
+            self.noised.check_fired()
             self._held.append((logits.detach(), mask))
             return
         kl = self._target_kl(batch, logits.detach(), mask)
@@ -178,6 +184,7 @@ class TRAM:
 
         Returns the radius used (d_t, or rho without a target)."""
         self._begin()
+        self._ascended = True
         cfg, backend = self.config, self.backend
         thetas, grads = backend.local_params(), backend.local_grads()
         local = cfg.scope == "rank"  # e from this rank's own gradient and KL (per-rank m-sharpness)
@@ -225,6 +232,12 @@ class TRAM:
         ``loss_perturbed`` (this rank's loss at theta + e) is only reported. ``update=False``
         stops before the base step: theta restored, g' in the gradients for the caller to clip
         and apply (TRAM's max_grad_norm must then be None: the caller owns clipping)."""
+        if not self._ascended:
+            raise ValueError("descent_step() without ascent_step(): the explicit calls are observe (each pass-1 "
+                             "micro-batch), ascent_step, your pass 2, then descent_step")
+        return self._descend(loss_perturbed, update)
+
+    def _descend(self, loss_perturbed, update: bool) -> dict[str, Any]:
         self._check_update(update)
         self.backend.prepare_step()
         if not self._skip and update and self.config.max_grad_norm is not None:
@@ -260,7 +273,7 @@ class TRAM:
 
     def _end_step(self, loss_perturbed) -> dict[str, Any]:
         self.step_count += 1
-        self._started = self._skip = False
+        self._started = self._skip = self._ascended = False
         self._held.clear()
         metrics = {"step": float(self.step_count), "skipped": 0.0, **self._metrics}
         if loss_perturbed is not None:
@@ -342,10 +355,13 @@ class TRAM:
             return None
         try:
             with torch.no_grad(), context:
-                return self._measure(batch, current, mask)
+                kl = self._measure(batch, current, mask)
         finally:
             if self.snapshot is not None:
                 self.backend.restore()
+        if self.noised is not None:
+            self.noised.check_fired()
+        return kl
 
     def _measure(self, batch: Any, current: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         cfg, module = self.config, self.backend.target_module

@@ -23,16 +23,26 @@ class NoisedInput:
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed + rank)
         self._on = False
+        self._fired = False
         self._handle = embedding.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args, output: Tensor) -> Optional[Tensor]:
         if not self._on:
             return None
+        self._fired = True
         if self.noise == "normal":
             z = torch.randn(output.shape, generator=self.generator) * self.sigma
         else:
             z = (torch.rand(output.shape, generator=self.generator) * 2 - 1) * self.sigma
         return output + z.to(device=output.device, dtype=output.dtype)
+
+    def check_fired(self) -> None:
+        """Raise unless the embedding layer ran (and got noise) since the last check."""
+        fired, self._fired = self._fired, False
+        if not fired:
+            raise ValueError("target='noised_input': the input-embedding layer never ran in the noised forward, "
+                             "so no noise was added and kl = d = 0 (a batch with inputs_embeds?): pass input_ids, "
+                             "or embedding=<the nn.Module whose output gets the noise>")
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
