@@ -1,7 +1,12 @@
 """`make bench-llm`: a TRAM step at a real LLM's vocabulary and width, memory first.
 
     python bench/llm.py                        # ZeRO-3 and FSDP2, 2 layers; table, bench/llm_results.json
-    python bench/llm.py --layers 24 --stacks zero3 --rounds 1   # the full-depth memory run (~8 min)
+    python bench/llm.py --layers 24 --stacks zero3 --rounds 1   # full depth (0.49B): not on 24 GiB
+
+At full depth two fp32 ranks on one 24 GiB machine are OOM-killed in the first AdamW step (12 GB
+resident per rank: each builds the whole model before ZeRO-3 partitions it, and
+deepspeed.zero.Init, which would not, fails on torch 2.13 with DeepSpeed 0.19.8: a signature
+mismatch in its Tensor.__new__ patch). Run it where each rank has about 16 GB.
 
 The model is a causal LM built from a config with Qwen2.5-0.5B's shape (vocabulary 151,936,
 hidden 896, 14 heads, 2 KV heads, intermediate 4,864, tied embeddings), random weights, nothing
