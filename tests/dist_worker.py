@@ -135,6 +135,7 @@ BAD_CASES = {
     "ds_fp16": ("zero0", {}, 1, False),
     "rank_scope_on_sharded": ("fsdp2", {"scope": "rank"}, 1, False),
     "ds_micro_mode": ("zero2", {"mode": "micro"}, 1, False),
+    "unwrapped_module_under_group": ("ddp", {}, 1, False),
 }
 
 
@@ -146,6 +147,8 @@ def bad_input(args, rank: int, world: int) -> dict:
     wrapped, optimizer = stacks.wrap(stack, "", model, LR, dtype="fp16" if args.bad == "ds_fp16" else "fp32")
     if args.bad == "fsdp_noised_without_embedding":
         type(model).get_input_embeddings = lambda self: None  # a model that has no such layer
+    if args.bad == "unwrapped_module_under_group":
+        wrapped = wrapped.module  # TRAM(ddp.module, ...): the plain module under DDP's group
     error = None
     with stacks.CollectiveCounter() as counter:
         try:

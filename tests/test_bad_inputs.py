@@ -86,13 +86,15 @@ DIST_CASES = {
     "rank_scope_on_sharded": r"TRAMConfig\.scope='rank' needs parameters replicated on every rank \(local, DDP\); the fsdp2 backend",
     "ds_micro_mode": r"TRAMConfig\.mode='micro' is not supported on the zero2 backend",
     "ds_fp16": r"fp16\.enabled: fp16 under DeepSpeed ZeRO stage 0 is not supported",
+    "unwrapped_module_under_group": r"model: a plain TinyClassifier while a process group of 2 ranks exists",
 }
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=needs_deepspeed_fp16 if c == "ds_fp16" else ())
                                   for c in sorted(DIST_CASES)])
 def test_distributed_bad_input_fails_alike_on_every_rank_before_any_collective(tmp_path, case):
-    stack = {"ds_fp16": "zero0"}.get(case, "zero2" if case.startswith("ds_") else "fsdp2")
+    stack = {"ds_fp16": "zero0", "unwrapped_module_under_group": "ddp"}.get(
+        case, "zero2" if case.startswith("ds_") else "fsdp2")
     results = torchrun(tmp_path, "--stack", stack, "--bad", case)  # returns: nobody hung
     errors = [r["error"] for r in results]
     assert errors[0] is not None and errors[0] == errors[1], errors

@@ -1,6 +1,7 @@
 """Choose the backend once, from the type of the wrapped model or engine."""
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 
 from .base import Backend
@@ -31,6 +32,11 @@ def make_backend(model, optimizer=None, group=None) -> Backend:
     if _is_fsdp2(model):
         return FSDP2Backend(model, optimizer, group)
     if isinstance(model, nn.Module):
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            raise ValueError(f"model: a plain {type(model).__name__} while a process group of "
+                             f"{dist.get_world_size(group)} ranks exists: each rank would train alone and the "
+                             "replicas drift apart. Pass the wrapped model (DistributedDataParallel, FSDP, "
+                             "fully_shard, a DeepSpeed engine), or group=<a one-rank group> for a per-rank run")
         return LocalBackend(model, optimizer)
     raise ValueError(f"model: expected an nn.Module, DDP, FSDP or a DeepSpeed engine, got {type(model).__name__}")
 
