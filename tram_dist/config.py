@@ -13,6 +13,10 @@ NOISES = ("normal", "uniform")
 MODES = ("global", "micro")
 SCOPES = ("global", "rank")
 
+# Logits entries per chunk of the divergence: 2^21 (8 MB in float32, 16 MB per float64 temporary;
+# 13 positions at a 152k vocabulary).
+KL_CHUNK = 1 << 21
+
 # The paper's baseline radius of each geometry (SAM rho 0.05, ASAM rho 0.5, FSAM gamma 0.1).
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5, "fisher": 0.1}
 
@@ -70,7 +74,7 @@ class TRAMConfig:
     m-sharpness; local and DDP only: sharded parameters hold one perturbation for all ranks)."""
     eps: float = 1e-12
     """Guard added to every norm in a denominator."""
-    kl_chunk: int = 1 << 21
+    kl_chunk: int = KL_CHUNK
     """Logits entries per chunk of the divergence (positions per chunk: max(1, kl_chunk // vocabulary));
     its temporaries are about 3 x kl_chunk float64 entries (48 MB at the default), whatever B and T are."""
     head_chunks: bool = True

@@ -10,7 +10,7 @@ of positions at a time, so that they never exist whole either.)
 Why float64 per chunk: TRAM's KLs are small (near-identical distributions), and in float32 the
 difference log p_t - log p_c loses about 1e-6 absolutely per position at V = 152k (log p is
 near -12, whose float32 spacing is 9.5e-7), which is a relative error of 1e-4 on a KL of 1e-2.
-In float64 the chunked sum matches an unchunked float64 one to rounding (tests/test_math.py).
+In float64 the chunked sum matches an unchunked float64 one to rounding (tests/test_llm_memory.py).
 """
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Logits entries per chunk: 2^21 (8 MB in float32, 16 MB per float64 temporary; 13 positions at
-# a 152k vocabulary). TRAMConfig.kl_chunk sets it.
-DEFAULT_CHUNK = 1 << 21
+from .config import KL_CHUNK
+
 
 
 def as_rows(x: Tensor) -> Tensor:
@@ -56,7 +55,7 @@ def kl_rows(current: Tensor, target: Tensor, direction: str) -> Tensor:
 
 @torch.no_grad()
 def kl_sum_count(current: Tensor, target: Tensor, direction: str = "forward",
-                 mask: Optional[Tensor] = None, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+                 mask: Optional[Tensor] = None, chunk: int = KL_CHUNK) -> tuple[Tensor, Tensor]:
     """Sum over predictions of the KL between softmax(target) and softmax(current), and their count.
 
     Logits are [..., C]; every leading position is one prediction (an example for

@@ -80,15 +80,13 @@ class HeadTap:
         # The head runs on blocks of HEAD_BLOCKS KL chunks: a matmul over a dozen rows would read
         # the whole [V, H] weight for each (memory-bound); 16 chunks' worth keeps it compute-bound.
         block = max(1, HEAD_BLOCKS * job["chunk"] // cur.shape[-1])
-        total = torch.zeros((), dtype=torch.float64, device=cur.device)
+        total = count = torch.zeros((), dtype=torch.float64, device=cur.device)
         for b in range(h.shape[0]):
             for start in range(0, h.shape[1], block):
                 rows = slice(start, start + block)
-                kl_sum, _ = divergence.kl_sum_count(cur[b, rows], original(h[b, rows]), job["direction"],
-                                                    None if m is None else m[b, rows], job["chunk"])
-                total += kl_sum
-        count = (torch.tensor(float(m.numel()), dtype=torch.float64, device=cur.device) if m is None
-                 else m.sum(dtype=torch.float64))
+                kl_sum, kl_count = divergence.kl_sum_count(cur[b, rows], original(h[b, rows]), job["direction"],
+                                                           None if m is None else m[b, rows], job["chunk"])
+                total, count = total + kl_sum, count + kl_count
         job["kl"] = (total, count)
         job["probe"] = original(hidden[..., -1:, :])  # what the model returns as its logits
         return job["probe"]
@@ -99,20 +97,20 @@ class HeadTap:
         The first time, checks that the model returned the head's output unchanged (no host read
         when it is the same tensor); a model that changes it disables the tap."""
         if "kl" not in job:  # the head saw other positions than the logits have: never tap this model
-            self.disabled = True
-            warnings.warn("TRAM: the output layer's input is not aligned with the model's logits; the "
-                          "divergence takes the full target logits instead of chunks through the LM head")
-            return False
+            return self._disable("the output layer's input is not aligned with the model's logits")
         if self.verified:
             return True
         logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
         probe = job.get("probe")
         same = logits is probe or (isinstance(logits, Tensor) and logits.shape == probe.shape
                                    and bool(torch.equal(logits, probe)))
-        if same:
-            self.verified = True
-        else:
-            self.disabled = True
-            warnings.warn("TRAM: the model changes its output layer's logits (soft-capping, a scale...); the "
-                          "divergence takes the full target logits instead of chunks through the LM head")
-        return same
+        if not same:
+            return self._disable("the model changes its output layer's logits (soft-capping, a scale...)")
+        self.verified = True
+        return True
+
+    def _disable(self, why: str) -> bool:
+        self.disabled = True
+        warnings.warn(f"TRAM: {why}; the divergence takes the full target logits instead of chunks "
+                      "through the LM head")
+        return False

@@ -65,7 +65,7 @@ class TRAM:
         self._partial = torch.zeros(4, dtype=torch.float64)
         self._started = self._ascended = False
         self._metrics: dict[str, float] = {}
-        self._held: list[tuple[Tensor, Optional[Tensor]]] = []  # TRAM-Fisher's pass-1 logits
+        self._held: list[Tensor] = []  # TRAM-Fisher's pass-1 logits
         self._skip = False
 
     # -- the one-call step ------------------------------------------------------------------
@@ -152,7 +152,7 @@ class TRAM:
         next step's radius is made of. The held pass-1 logits are released here."""
         if not self.config.noised_pass or self._skip:
             return
-        target, _ = self._held.pop(0)
+        target = self._held.pop(0)
         self._add_kl(divergence.kl_sum_count(logits, target, self.config.divergence, mask, self.config.kl_chunk))
 
     def observe(self, batch: Any, logits: Tensor, mask: Optional[Tensor] = None,
@@ -172,7 +172,7 @@ class TRAM:
             self._partial[_PARTIAL_LOSS_COUNT] += 1
         if self.config.noised_pass:  # pass 1 ran on noised inputs: its logits are the target
             self.noised.check_fired()
-            self._held.append((logits.detach(), mask))
+            self._held.append(logits.detach())
             return
         kl = self._target_kl(batch, logits.detach(), mask)
         if kl is not None:
