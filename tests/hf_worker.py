@@ -127,7 +127,7 @@ def fresh_state(deepspeed_file) -> None:
     """accelerate's process state for the next Trainer (one per Trainer: a second Accelerator
     cannot take a DeepSpeed plugin), on the gloo group.
 
-    CPU only (DESIGN_NOTES.md): with DeepSpeed the Trainer would build the state without a
+    CPU only: with DeepSpeed the Trainer would build the state without a
     backend, and every rank would think it is rank 0 of 1; so build it on gloo first and let
     the Trainer use it (accelerator_config use_configured_state)."""
     from accelerate import PartialState

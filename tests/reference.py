@@ -1,4 +1,4 @@
-"""A single-process TRAM written from TRAM_SPEC.md by hand, independent of tram_dist.
+"""A single-process TRAM written by hand from the paper's rules (README: How it works), not with tram_dist.
 
 It trains TinyClassifier on the FULL global batch; a distributed run on per-rank slices must
 end at the same weights. The only thing it shares with tram_dist is the documented noise
@@ -32,7 +32,7 @@ def _kl_per_example(clean, target, direction):
 
 
 def _e(geometry, thetas, grads, r, eta, eta_f):
-    """e per parameter with the global norm over all of them (TRAM_SPEC.md section 2)."""
+    """e per parameter with the global norm over all of them (sam, asam, fisher as in rules.py's table)."""
     if geometry == "sam":
         norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
         return [r * g / (norm + EPS) for g in grads]

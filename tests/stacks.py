@@ -42,7 +42,7 @@ def init_process_group(backend: str = "gloo") -> None:
 def init_distributed(stack: str) -> None:
     if stack.startswith("zero"):
         # Skip the ~100 s JIT build of a shared-memory op only inference_all_reduce uses
-        # (DESIGN_NOTES.md); a plain `import deepspeed.comm.torch as m` would bind the wrong module.
+        # (built on a fresh machine at the first init_distributed); a plain `import deepspeed.comm.torch as m` would bind the wrong module.
         importlib.import_module("deepspeed.comm.torch")
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         import deepspeed

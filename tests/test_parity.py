@@ -1,6 +1,6 @@
 """Parity: N TRAM steps on 2 ranks (half batches) equal one process on the full batch.
 
-The reference (tests/reference.py) is written by hand from TRAM_SPEC.md, not with tram_dist.
+The reference (tests/reference.py) is written by hand from the paper's rules, not with tram_dist.
 fp32 tolerance 1e-6: the only differences are summation order (per-rank partial sums, the
 gradient average of two halves against one mean over 8 rows), a few float32 ulps on weights of
 order 0.1-1 after 3 AdamW steps; a wrong shard, norm or radius moves weights by >= lr * 1e-2.

@@ -268,7 +268,7 @@ def _import(path: str):
 
 
 def _cpu_deepspeed_state(training: dict) -> None:
-    """CPU only (DESIGN_NOTES.md): make accelerate's state on gloo before the Trainer does (it would
+    """CPU only: make accelerate's state on gloo before the Trainer does (it would
     otherwise make every process rank 0 of 1 under DeepSpeed) and skip a ~100 s JIT build of a
     shared-memory op that training never uses. GPU runs never come here."""
     import importlib

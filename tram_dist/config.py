@@ -1,4 +1,4 @@
-"""TRAMConfig: every TRAM setting in one validated dataclass (../shared/TRAM_SPEC.md)."""
+"""TRAMConfig: every TRAM setting in one validated dataclass (README: Settings, How it works)."""
 from __future__ import annotations
 
 import dataclasses

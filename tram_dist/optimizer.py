@@ -25,7 +25,7 @@ _KL_SUM, _KL_COUNT, _LOSS_SUM, _LOSS_COUNT = (rules.NUM_SUMS + i for i in range(
 class TRAM:
     """Wraps a model (plain, DDP, FSDP1, FSDP2) and its base optimizer, or a DeepSpeed engine.
 
-    One step (TRAM_SPEC.md section 4):
+    One step (README: How it works):
       1. pass 1 at theta over the step's micro-batches; for each, between its forward and its
          backward, a no-grad target forward and the local KL sum and count, chunk by chunk (its
          logits are released before the backward, so they add nothing to the backward's peak);
