@@ -17,13 +17,18 @@ L = 1 x 512 x 151,936 x 4 bytes = 311 MB, more than the 2 layers' weights.
 Each (stack, method) runs in its own 2-rank torchrun job, so that its peak memory is its own:
 two AdamW steps first (gradients and AdamW's state then exist, as in any run past its first
 step), whose peak RSS (ru_maxrss; on a GPU also the allocator's peak) is AdamW's peak; then
-rounds of [a step of the method, an AdamW step] side by side, each timed. Per rank it reports
+rounds of [a step of the method, an AdamW step] side by side, each timed; then, untimed, an
+AdamW step and a method step under the CPU allocator's view (tests/allocator.py: the profiler's
+memory events, exact where RSS moves by 0.2 L from run to run; the profiler slows a step by
+about 40%, so no timed round runs under it). Per rank it reports
 the peak over AdamW's in the same process (extra_over_adamw_L, in units of L), the step time
 over the AdamW step of the same round (median and range over the rounds), and the host reads of
 a method's step made by tram_dist's code (tests/host_reads.py: torch's conversions to Python
 values, counted; DeepSpeed's and the model's own are theirs). weight_copy_L is what TRAM holds
 by design on the weight side: a copy of the local shard of theta while theta + e is loaded (on
 FSDP2; none on ZeRO-3, whose fp32 masters hold theta) and a snapshot target's fp32 shard, so activation_extra_L = extra_over_adamw_L - weight_copy_L is the logits side.
+In the allocator's view the snapshot is alive in both steps, so allocated_logits_side_L is the
+allocator's extra less the theta copy alone. About 30 minutes here (8 jobs of 3-4 minutes).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from allocator import Allocations  # noqa: E402
 from host_reads import HostReads  # noqa: E402
 from launcher import free_port  # noqa: E402
 
@@ -131,11 +137,21 @@ def worker(args) -> None:
         start = time.perf_counter()
         base_step(wrapped, optimizer, batch)
         base_times.append(time.perf_counter() - start)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the profiler's own buffers
+    # The allocator's view, untimed (the profiler slows a step by about 40%): an AdamW step and a
+    # method step from one origin, past the method's first step (which builds a snapshot).
+    with Allocations() as mem:
+        mem.mark("adamw")
+        base_step(wrapped, optimizer, batch)
+        mem.mark("tram")
+        tram.step(batch)
+    allocated = mem.peaks()
     result = {
         "rank": rank, "stack": args.stack, "method": args.method, "layers": args.layers,
         "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "adamw_rss_bytes": adamw_rss,
+        "peak_rss_bytes": peak_rss, "adamw_rss_bytes": adamw_rss,
         "base_step_s": base_times, "step_s": times, "host_reads_per_step": read_counts,
+        "allocated_peak_bytes": allocated["tram"], "adamw_allocated_peak_bytes": allocated["adamw"],
         "weight_copy_bytes": weight_copy_bytes(args.stack, wrapped),
         "snapshot_bytes": tram.snapshot.nbytes() if tram.snapshot is not None else 0,
     }
@@ -179,6 +195,11 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
             weights = r["weight_copy_bytes"] + r.get("snapshot_bytes", 0)
             row["weight_copy_L"] = weights / L_BYTES
             row["activation_extra_L"] = (extra - weights) / L_BYTES
+            # The allocator's view, from one origin per round: TRAM's snapshot is alive in both segments,
+            # so only the transient copy of theta is TRAM's on the weight side.
+            alloc_extra = r["allocated_peak_bytes"] - r["adamw_allocated_peak_bytes"]
+            row["allocated_extra_L"] = alloc_extra / L_BYTES
+            row["allocated_logits_side_L"] = (alloc_extra - r["weight_copy_bytes"]) / L_BYTES
             if "peak_allocated_bytes" in r:
                 row["extra_allocated_L"] = (r["peak_allocated_bytes"] - r["adamw_allocated_bytes"]) / L_BYTES
             ratios = [t / b for t, b in zip(r["step_s"], r["base_step_s"])]
@@ -193,13 +214,14 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = [f"L = one fp32 logits tensor of a rank's micro-batch = {L_BYTES / 1e6:.0f} MB",
              "| stack | layers | method | rank | peak RSS GB (AdamW's) | extra over AdamW (L) | of it TRAM's theta copy (L) "
-             "| logits side (L) | step / AdamW step (range) | host reads / step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| logits side (L) | allocator: extra, logits side (L) | step / AdamW step (range) | host reads / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["ratio_range"]
         lines.append(f"| {r['stack']} | {r['layers']} | {r['method']} | {r['rank']} | {r['peak_rss_bytes'] / 1e9:.2f} "
                      f"({r['adamw_rss_bytes'] / 1e9:.2f})"
                      f"| {r['extra_over_adamw_L']:+.2f} | {r['weight_copy_L']:.2f} | {r['activation_extra_L']:+.2f} "
+                     f"| {r['allocated_extra_L']:+.2f}, {r['allocated_logits_side_L']:+.2f} "
                      f"| {r['step_time_ratio']:.2f} ({lo:.2f}-{hi:.2f}) | {r['host_reads_per_step']} |")
     return "\n".join(lines)
 

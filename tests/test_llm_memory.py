@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
+from allocator import Allocations
 from host_reads import HostReads
 from tram_dist import TRAM, TRAMConfig, divergence
 from tram_dist.forward import causal_lm_forward
@@ -144,19 +144,6 @@ def test_a_step_reads_the_host_once(target):
     assert torch.is_tensor(metrics["loss_perturbed"]) and float(metrics["loss_perturbed"]) > 0
 
 
-def _peak_bytes(fn) -> int:
-    """The allocator's peak during fn over what was allocated before it (CPU memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 # Method -> (TRAMConfig, bound on the step's peak over AdamW's, in L). TRAM-Fisher keeps pass 1's
 # logits until pass 2 by design (1 L); everything else must stay within a fraction of L.
 BOUNDS = {
@@ -190,8 +177,13 @@ def test_step_peak_memory_over_adamw_in_logits(method):
     settings, bound = BOUNDS[method]
     tram = TRAM(model, opt, TRAMConfig(**settings, kl_chunk=1 << 16), forward_fn=causal_lm_forward)
     tram.step(batch)  # "previous" has history from here on
-    base = _peak_bytes(adamw_step)
-    peak = _peak_bytes(lambda: tram.step(batch))
+    with Allocations() as mem:
+        mem.mark("adamw")
+        adamw_step()
+        mem.mark("tram")
+        tram.step(batch)
+    peaks = mem.peaks()
+    base, peak = peaks["adamw"], peaks["tram"]
     logits = seq * vocab * 4
     theta_copy = sum(p.numel() * p.element_size() for p in model.parameters())
     extra = (peak - base - theta_copy) / logits
