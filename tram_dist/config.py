@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -100,32 +101,21 @@ class TRAMConfig:
         if self.mode == "micro" and self.noised_pass:
             raise ValueError("TRAMConfig.mode='micro' with noised_pass=True (TRAM-Fisher) is not supported; "
                              "use mode='global'")
-        if self.rho is not None:
-            _number("rho", self.rho, low=0.0)
-        _number("eta", self.eta, low=0.0)
-        _number("eta_f", self.eta_f, low=0.0)
-        _number("scale", self.scale, low=0.0)
-        _number("radius_at_start", self.radius_at_start, low=0.0)
-        _number("sigma", self.sigma, low=0.0)
-        _number("eps", self.eps, low=0.0)
-        if self.rho_max is not None:
-            _number("rho_max", self.rho_max, low=0.0)
-        _number("ema_decay", self.ema_decay, low=0.0, high=1.0, open_interval=True)
+        for name in ("rho", "eta", "eta_f", "scale", "radius_at_start", "sigma", "eps", "rho_max", "ema_decay",
+                     "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None or name not in ("rho", "rho_max", "max_grad_norm"):
+                setattr(self, name, _number(name, value, **_BOUNDS.get(name, {})))
         if not isinstance(self.noised_pass, bool):
             raise ValueError(f"TRAMConfig.noised_pass must be True or False, got {self.noised_pass!r}")
         if self.noised_pass and (self.geometry != "fisher" or self.target != "noised_input"):
             raise ValueError("TRAMConfig.noised_pass=True (TRAM-Fisher) needs geometry='fisher' and "
                              f"target='noised_input', got geometry={self.geometry!r}, target={self.target!r}")
-        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
-            raise ValueError(f"TRAMConfig.interval must be an int >= 1, got {self.interval!r}")
-        if self.max_grad_norm is not None:
-            _number("max_grad_norm", self.max_grad_norm, low=0.0, open_interval=True)
-        if not isinstance(self.kl_chunk, int) or isinstance(self.kl_chunk, bool) or self.kl_chunk < 1:
-            raise ValueError(f"TRAMConfig.kl_chunk must be an int >= 1, got {self.kl_chunk!r}")
+        self.interval = _integer("interval", self.interval, low=1)
+        self.kl_chunk = _integer("kl_chunk", self.kl_chunk, low=1)
         if not isinstance(self.head_chunks, bool):
             raise ValueError(f"TRAMConfig.head_chunks must be True or False, got {self.head_chunks!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"TRAMConfig.seed must be an int, got {self.seed!r}")
+        self.seed = _integer("seed", self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict for logs and checkpoints; TRAMConfig.from_dict inverts it."""
@@ -146,10 +136,23 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"TRAMConfig.{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def _number(name: str, value: Any, low: float, high: float = math.inf, open_interval: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+# Bounds of the real-valued fields (default: a finite number >= 0).
+_BOUNDS = {"ema_decay": dict(high=1.0, open_interval=True), "max_grad_norm": dict(open_interval=True)}
+
+
+def _number(name: str, value: Any, low: float = 0.0, high: float = math.inf, open_interval: bool = False) -> float:
+    """The value as a Python float: any real number (int, float, a numpy scalar) within the bounds."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
     if ok:
-        ok = low < value < high if open_interval else low <= value <= high
+        ok = low < float(value) < high if open_interval else low <= float(value) <= high
     if not ok:
         bounds = f"in ({low}, {high})" if open_interval else f">= {low}" + ("" if high == math.inf else f" and <= {high}")
         raise ValueError(f"TRAMConfig.{name} must be a finite number {bounds}, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value: Any, low: Optional[int] = None) -> int:
+    """The value as a Python int: an int or an integer numpy scalar (not a bool, not 2.0)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and (low is None or value >= low):
+        return int(value)
+    raise ValueError(f"TRAMConfig.{name} must be an int" + ("" if low is None else f" >= {low}") + f", got {value!r}")
