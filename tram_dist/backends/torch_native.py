@@ -59,11 +59,13 @@ class FSDP1Backend(TensorBackend):
     """
 
     name = "fsdp1"
+    counts_must_agree = True
 
     def __init__(self, model: nn.Module, optimizer, group=None):
         from torch.distributed.fsdp import ShardingStrategy
 
         super().__init__(model, optimizer, group)
+        _check_fsdp1_internals(model)
         strategy = model.sharding_strategy
         if strategy == ShardingStrategy.NO_SHARD:
             self.norm_weight = 1.0 if dist.get_rank(model.process_group) == 0 else 0.0
@@ -103,14 +105,13 @@ class FSDP2Backend(TensorBackend):
     """
 
     name = "fsdp2"
+    counts_must_agree = True
 
     def __init__(self, model: nn.Module, optimizer, group=None):
         super().__init__(model, optimizer, group)
-        mesh = _first_mesh(model)
-        if mesh is not None and mesh.ndim == 2:
+        mesh = _check_placements(model)
+        if mesh.ndim == 2:
             self.norm_weight = 1.0 if mesh.get_local_rank(0) == 0 else 0.0
-        elif mesh is not None and mesh.ndim != 1:
-            raise ValueError(f"FSDP2 mesh with {mesh.ndim} dims: tram_dist supports 1-D (shard) and 2-D (replicate, shard)")
 
     def _local(self, t: Tensor) -> Tensor:
         return t.to_local() if hasattr(t, "to_local") else t
@@ -125,8 +126,35 @@ class FSDP2Backend(TensorBackend):
                 m.reshard()
 
 
-def _first_mesh(model: nn.Module):
-    for p in model.parameters():
-        if hasattr(p, "device_mesh"):
-            return p.device_mesh
-    return None
+def _check_fsdp1_internals(model: nn.Module) -> None:
+    """FSDP1 has no public call that frees an unsharded flat parameter (see _settle)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from ..versions import require
+
+    handles = [getattr(state, "_handle", None) for state in FSDP.fsdp_modules(model)]
+    require("torch", "FSDP1's per-module FlatParamHandle (state._handle)", any(h is not None for h in handles))
+    for name in ("reshard", "post_reshard", "uses_sharded_strategy", "_prefetched"):
+        require("torch", f"FlatParamHandle.{name}", all(h is None or hasattr(h, name) for h in handles))
+
+
+def _check_placements(model: nn.Module):
+    """The mesh of FSDP2's parameters, when each is laid out as FSDP2 alone lays it out: (Shard(0),)
+    on a 1-D mesh, or (Replicate(), Shard(0)) on a 2-D HSDP mesh. Anything else (tensor or
+    context parallelism on another mesh dimension) would make each rank's sum of squares count
+    pieces other ranks also hold, or miss them: a wrong norm, so it is refused."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    allowed = ((Shard(0),), (Replicate(), Shard(0)))
+    meshes = set()
+    for name, p in model.named_parameters():
+        layout = (f"placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh" if isinstance(p, DTensor)
+                  else "a plain tensor, not sharded by fully_shard")
+        if not isinstance(p, DTensor) or tuple(p.placements) not in allowed:
+            raise ValueError(f"fully_shard: parameter {name!r} is {layout}; tram_dist supports FSDP2 alone: every "
+                             "parameter sharded by fully_shard, (Shard(0),) on a 1-D mesh or (Replicate(), Shard(0)) "
+                             "on a 2-D (replicate, shard) mesh (no tensor parallelism)")
+        meshes.add(p.device_mesh)
+    if len(meshes) != 1:
+        raise ValueError(f"fully_shard: the parameters live on {len(meshes)} device meshes; tram_dist needs one")
+    return meshes.pop()
