@@ -30,11 +30,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .checkpoint import STATE_FILE, atomic_save, read_state
 from .config import TRAMConfig
 from .forward import IGNORE_INDEX, next_token_mask, returns_model_logits
 from .optimizer import TRAM
 
-STATE_FILE = "tram_rank{rank}.pt"
 # Metrics a TRAM step reports that go into the Trainer's logs, averaged over the logging window.
 LOGGED = ("d", "kl", "grad_norm", "e_norm", "loss_perturbed", "skipped")
 
@@ -121,7 +121,7 @@ class TRAMTrainer(Trainer):
             forward = self.tram_forward if self.tram_forward is not None else self._forward
             self.tram = TRAM(model, optimizer, self.tram_config, forward_fn=forward)
             if self._tram_resume is not None:
-                self.tram.load_state_dict(torch.load(self._state_path(self._tram_resume), weights_only=False))
+                self.tram.load_state_dict(read_state(self._state_path(self._tram_resume)))
         return self.tram
 
     @returns_model_logits
@@ -160,7 +160,7 @@ class TRAMTrainer(Trainer):
         if self.tram is not None:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            torch.save(self.tram.state_dict(), self._state_path(folder))
+            atomic_save(self.tram.state_dict(), self._state_path(folder))
         return super()._save_checkpoint(model, trial)
 
     def _state_path(self, folder: str) -> str:

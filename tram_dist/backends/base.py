@@ -136,27 +136,34 @@ class Backend:
         """True while the forward's tensors hold something other than theta (theta + e, a snapshot)."""
         raise NotImplementedError
 
-    def save_checkpoint(self, directory: str, tag: str) -> None:
+    def save_checkpoint(self, directory: str, tag: str, step: int) -> None:
         """Model and optimizer state with torch.distributed.checkpoint (each rank writes its shards),
-        then `latest` from rank 0 once every rank is done."""
+        with TRAM's step count, then `latest` from rank 0 once every rank is done."""
         import torch.distributed.checkpoint as dcp
 
         from ..checkpoint import write_latest
 
-        dcp.save(self._dcp_state(), checkpoint_id=os.path.join(directory, tag))
+        dcp.save(self._dcp_state() | {"tram": {"step": step}}, checkpoint_id=os.path.join(directory, tag))
         if self.world_size > 1:
             dist.barrier(group=self.group)
         if self.rank == 0:
             write_latest(directory, tag)
 
-    def load_checkpoint(self, directory: str, tag: str) -> None:
+    def load_checkpoint(self, directory: str, tag: str) -> Optional[int]:
+        """Load the model and optimizer state; return the TRAM step count saved with it (None from
+        a checkpoint written before it was recorded)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+        path = os.path.join(directory, tag)
         state = self._dcp_state()
-        dcp.load(state, checkpoint_id=os.path.join(directory, tag))
+        recorded = "tram.step" in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        if recorded:
+            state["tram"] = {"step": -1}
+        dcp.load(state, checkpoint_id=path)
         set_model_state_dict(self.model, state["model"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        return state["tram"]["step"] if recorded else None
 
     def _dcp_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -176,7 +183,28 @@ class Backend:
             raise ValueError(f"TRAMConfig.mode='micro' is not supported on the {self.name} backend; use mode='global'")
 
     def check_micro_batches(self, num_micro: int) -> None:
-        """Raise ValueError, before any forward, when a step's micro-batch count cannot be served."""
+        """Raise ValueError, before any forward, when a step's micro-batch count cannot be served.
+
+        On a sharded stack every micro-batch's forward gathers and its backward reduces, on every
+        rank: ranks that pass different counts to one step would wait on each other's collectives
+        for good (FSDP2) or abort inside the transport (ZeRO). One 2-element all-reduce on the CPU
+        (gloo), before the step's first collective, finds that on every rank alike; no device sync."""
+        if not self.counts_must_agree or self.world_size == 1:
+            return
+        if self._count_group is None:
+            self._count_group = _cpu_group(self.group)
+        device = "cpu" if dist.get_backend(self._count_group) == "gloo" else torch.device(
+            torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        counts = torch.tensor([num_micro, -num_micro], dtype=torch.int64, device=device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self._count_group)
+        if not torch.equal(counts[0], -counts[1]):  # a CPU tensor: no device read
+            raise ValueError(f"tram.step: the ranks passed different numbers of micro-batches to one step (from "
+                             f"{-int(counts[1])} to {int(counts[0])}); on the {self.name} backend every rank must pass "
+                             "the same number (shard the data evenly, e.g. DistributedSampler with drop_last=True)")
+
+    # Whether every rank must pass the same number of micro-batches to a step (sharded stacks).
+    counts_must_agree = False
+    _count_group = None
 
     def micro_batch(self, index: int, num_micro: int, sync: bool = True):
         """Context around the forward and backward of micro-batch ``index`` of ``num_micro`` in one
@@ -221,6 +249,7 @@ class TensorBackend(Backend):
     def __init__(self, model: nn.Module, optimizer, group=None):
         super().__init__(model, optimizer, group)
         self._saved: Optional[list[Tensor]] = None
+        _check_optimizer_tensors(model, optimizer)
 
     def _params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -264,6 +293,31 @@ class TensorBackend(Backend):
         for piece, theta in zip(self.local_params(), self._saved, strict=True):
             piece.copy_(theta)
         self._saved = None
+
+
+def _check_optimizer_tensors(model: nn.Module, optimizer) -> None:
+    """The base optimizer must step the model's own parameters: one built over another copy of the
+    model, or before an FSDP1 wrap with use_orig_params=False (which replaces the parameters with
+    flat ones), would return metrics while the weights never change."""
+    owned = {id(p) for p in model.parameters()}
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(id(p) not in owned for p in tensors)
+    if foreign:
+        raise ValueError(f"optimizer: {foreign} of the base optimizer's {len(tensors)} tensors are not parameters of "
+                         f"the {type(model).__name__} TRAM wraps, so the update would never reach the model. Build "
+                         "the optimizer from the wrapped model's parameters(), after wrapping (FSDP1 with "
+                         "use_orig_params=False replaces the parameters with flat ones)")
+
+
+def _cpu_group(group):
+    """A gloo group over the same ranks, for a check that must not sync a device: the group itself
+    where it is gloo; a new one where the group spans every process (all of them build TRAM, so all
+    call new_group); else the group itself (its check then reads one value from the device)."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    if dist.get_world_size(group) == dist.get_world_size():
+        return dist.new_group(backend="gloo")
+    return group
 
 
 def _distributed() -> bool:

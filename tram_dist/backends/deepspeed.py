@@ -21,6 +21,7 @@ import contextlib
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .base import Backend
@@ -35,6 +36,7 @@ class DeepSpeedBackend(Backend):
     supports_micro_mode = False
     # The optimizer step is engine.step(), which TRAM calls after pass 2.
     caller_may_update = False
+    counts_must_agree = True
 
     def __init__(self, engine, group=None):
         super().__init__(engine, engine.optimizer, group if group is not None else engine.data_parallel_group)
@@ -78,6 +80,7 @@ class DeepSpeedBackend(Backend):
         if num_micro > gas:
             raise ValueError(f"tram.step got {num_micro} micro-batch(es) but the DeepSpeed config has "
                              f"gradient_accumulation_steps={gas}: pass a list of at most {gas} micro-batches")
+        super().check_micro_batches(num_micro)
 
     def micro_batch(self, index: int, num_micro: int, sync: bool = True):
         # Each pass is one accumulation window: DeepSpeed's documented override makes only the
@@ -122,13 +125,22 @@ class DeepSpeedBackend(Backend):
     def is_loaded(self) -> bool:
         return self._loaded
 
-    def save_checkpoint(self, directory: str, tag: str) -> None:
-        self.engine.save_checkpoint(directory, tag=tag)  # DeepSpeed writes `latest` last
+    def save_checkpoint(self, directory: str, tag: str, step: int) -> None:
+        from ..checkpoint import write_latest
 
-    def load_checkpoint(self, directory: str, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag=tag)
+        # `latest` is written by TRAM, after every rank's files: DeepSpeed's own would name the tag
+        # before TRAM's state of another rank might be complete.
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"tram_step": step}, save_latest=False)
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+        if self.rank == 0:
+            write_latest(directory, tag)
+
+    def load_checkpoint(self, directory: str, tag: str) -> Optional[int]:
+        path, client_state = self.engine.load_checkpoint(directory, tag=tag)
         if path is None:
             raise ValueError(f"load_checkpoint: DeepSpeed could not load {directory!r} tag {tag!r}")
+        return (client_state or {}).get("tram_step")
 
     # -- training ------------------------------------------------------------------------------
     def backward(self, loss: Tensor, num_micro: int) -> None:
@@ -278,5 +290,28 @@ class Zero3Backend(DeepSpeedBackend):
 
 def make_deepspeed_backend(engine, group=None) -> DeepSpeedBackend:
     stage = engine.zero_optimization_stage()
+    _check_internals(engine, stage)
     cls = {0: Zero0Backend, 1: Zero12Backend, 2: Zero12Backend, 3: Zero3Backend}[stage]
     return cls(engine, group)
+
+
+def _check_internals(engine, stage: int) -> None:
+    """The ZeRO internals the pieces above read and write, present in this DeepSpeed."""
+    from ..versions import require
+
+    opt, params = engine.optimizer, [p for p in engine.module.parameters() if p.requires_grad]
+    if stage in (1, 2):
+        require("deepspeed", "the ZeRO-1/2 optimizer's bit16 groups and partitions",
+                (hasattr(opt, "bit16_groups") and hasattr(opt, "bit16_groups_flat")
+                 and hasattr(opt, "parallel_partitioned_bit16_groups"))
+                or (hasattr(opt, "bf16_groups") and hasattr(opt, "bf16_groups_flat")
+                    and hasattr(opt, "bf16_partitioned_groups")))
+        mapped = [p._hp_mapping for p in params if getattr(p, "_hp_mapping", None) is not None]
+        require("deepspeed", "the parameters' fragment mappings (p._hp_mapping with lp_fragment_address, "
+                "hp_fragment, get_lp_grad_fragment)", all(hasattr(p, "_hp_mapping") for p in params) and all(
+                    hasattr(m, "lp_fragment_address") and hasattr(m, "hp_fragment")
+                    and hasattr(m, "get_lp_grad_fragment") for m in mapped))
+    elif stage == 3:
+        require("deepspeed", "ZeRO-3's partitions (p.ds_tensor, p.ds_numel) and parameter_offload."
+                "partition_all_parameters", all(hasattr(p, "ds_tensor") and hasattr(p, "ds_numel") for p in params)
+                and hasattr(getattr(opt, "parameter_offload", None), "partition_all_parameters"))
