@@ -159,3 +159,49 @@ def test_bad_config_fails_before_any_process_group(tmp_path, override, message):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert re.search(message, proc.stderr), proc.stderr
+
+
+def _classification_config(tmp_path, train_labels, eval_labels=None):
+    (tmp_path / "model").mkdir(exist_ok=True)
+    for name, labels in (("train", train_labels), ("tweets", eval_labels)):
+        if labels is not None:
+            with open(tmp_path / f"{name}.jsonl", "w") as f:
+                f.writelines(json.dumps({"text": f"sentence {i}", "label": label}) + "\n" for i, label in enumerate(labels))
+    cfg = {"task": "sequence_classification", "model": "model", "data": {"train": "train.jsonl"},
+           "training": {"output_dir": "run"}}
+    if eval_labels is not None:
+        cfg["data"]["eval"] = {"tweets": "tweets.jsonl"}
+    path = tmp_path / "cls.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("train,evals,message", [
+    ([0, 1, None], None, r"data\.train \(train\.jsonl\) row 2: 'label' is null; every row needs a class label"),
+    ([0, 1, -1], None, r"data\.train \(train\.jsonl\) row 2: 'label' is -1; integer labels must be 0\.\.K-1"),
+    ([0, 0.5], None, r"data\.train \(train\.jsonl\) row 1: 'label' is 0\.5; a class label is an integer 0\.\.K-1 or a name"),
+    (["neg", "pos"], ["pos", "neutral"], r"data\.eval\.tweets \(tweets\.jsonl\) row 1: label 'neutral' is not one of "
+                                         r"training's classes \['neg', 'pos'\]"),
+    ([0, 1], [1, 2], r"data\.eval\.tweets \(tweets\.jsonl\) row 1: label 2 is not one of training's classes 0\.\.1"),
+])
+def test_bad_labels_exit_2_naming_file_and_row_before_training(tmp_path, capsys, train, evals, message):
+    """Label faults in the data files are found by the config checks, before any model or process
+    group: null, negative, fractional, and an evaluation label training never saw."""
+    import re
+
+    from tram_dist.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", _classification_config(tmp_path, train, evals)])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_integer_labels_written_as_floats_or_strings_are_one_class(tmp_path):
+    """1, 1.0 and "1" (as a CSV gives it) are the same class 1, not three."""
+    from tram_dist.cli import label_classes, label_id
+
+    rows = [{"label": v} for v in (0, 1, 1.0, "1", "0")]
+    classes = label_classes(rows, "label", "data.train")
+    assert classes.count == 2 and classes.names is None
+    assert [label_id(r, "label", classes, "row") for r in rows] == [0, 1, 1, 1, 0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -73,6 +74,13 @@ def validate(cfg: dict[str, Any], base: str) -> None:
         _check_file(name, _resolve(base, path))
         if cfg["task"] == "sequence_classification" and str(path).endswith(".txt"):
             raise ValueError(f"{name}: a .txt file has no labels; sequence_classification needs .jsonl, .json or .csv")
+    if cfg["task"] == "sequence_classification":
+        text_field, label_field = data.get("text_field", "text"), data.get("label_field", "label")
+        classes = label_classes(read_records(_resolve(base, data["train"]), text_field), label_field,
+                                f"data.train ({data['train']})", cfg.get("num_labels"))
+        for name, path in evals.items():
+            for i, row in enumerate(read_records(_resolve(base, path), text_field)):
+                label_id(row, label_field, classes, f"data.eval.{name} ({path}) row {i}")
     if not os.path.isdir(_resolve(base, cfg["model"])):
         raise ValueError(f"model must be a local directory from_pretrained can load, got {cfg['model']!r}")
     model_class = cfg.get("model_class")
@@ -140,27 +148,82 @@ def read_records(path: str, text_field: str) -> list[dict[str, Any]]:
 
 
 def tokenize(records, tokenizer, task: str, text_field: str, label_field: str, max_length: int,
-             label_ids: Optional[dict] = None, where: str = "data") -> list[dict[str, Any]]:
+             classes: Optional["Classes"] = None, where: str = "data") -> list[dict[str, Any]]:
     out = []
     for i, row in enumerate(records):
         if text_field not in row:
             raise ValueError(f"{where} row {i} has no {text_field!r} field (data.text_field); it has {sorted(row)}")
         item = dict(tokenizer(row[text_field], truncation=True, max_length=max_length))
         if task == "sequence_classification":
-            if label_field not in row:
-                raise ValueError(f"{where} row {i} has no {label_field!r} field (data.label_field)")
-            label = row[label_field]
-            item["labels"] = label_ids[str(label)] if label_ids is not None else int(label)
+            item["labels"] = label_id(row, label_field, classes, f"{where} row {i}")
         out.append(item)
     return out
 
 
-def label_mapping(records, label_field: str) -> Optional[dict[str, int]]:
-    """None when the labels are integers 0..K-1; else a sorted name -> id map."""
-    labels = {str(r.get(label_field)) for r in records}
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return None
-    return {name: i for i, name in enumerate(sorted(labels))}
+@dataclasses.dataclass
+class Classes:
+    """A classification task's labels: integer ids 0..count-1 as given (names None), or names
+    mapped to ids in sorted order."""
+    count: int
+    names: Optional[dict[str, int]] = None
+
+
+def _label_key(value: Any, where: str, label_field: str) -> Any:
+    """An int for an integer label (1, 1.0, "1" from a CSV), else the name as a string."""
+    if value is None:
+        raise ValueError(f"{where}: {label_field!r} is null; every row needs a class label (an integer 0..K-1 or "
+                         "a name)")
+    if isinstance(value, bool):
+        return str(value).lower()  # a YAML/JSON true/false is a name, as in a CSV
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value.strip()
+        value = number
+    if isinstance(value, (int, float)):
+        if not float(value).is_integer():
+            raise ValueError(f"{where}: {label_field!r} is {value!r}; a class label is an integer 0..K-1 or a name")
+        return int(value)
+    raise ValueError(f"{where}: {label_field!r} is a {type(value).__name__}; a class label is an integer or a name")
+
+
+def label_classes(records, label_field: str, where: str, num_labels: Optional[int] = None) -> Classes:
+    """The classes of the training file: integer labels must be 0..K-1 (K = num_labels or the
+    largest + 1); names (any label that is not an integer) are mapped in sorted order."""
+    keys = []
+    for i, row in enumerate(records):
+        if label_field not in row:
+            raise ValueError(f"{where} row {i} has no {label_field!r} field (data.label_field); it has {sorted(row)}")
+        keys.append(_label_key(row[label_field], f"{where} row {i}", label_field))
+    if keys and all(isinstance(k, int) for k in keys):
+        i = min(range(len(keys)), key=keys.__getitem__)
+        if keys[i] < 0:
+            raise ValueError(f"{where} row {i}: {label_field!r} is {keys[i]}; integer labels must be 0..K-1 "
+                             "(or use names)")
+        count = num_labels or max(keys) + 1
+        if max(keys) >= count:
+            raise ValueError(f"{where}: label {max(keys)} does not fit num_labels={num_labels} (labels are 0..K-1)")
+        return Classes(count)
+    names = sorted({str(k) for k in keys})
+    if num_labels is not None and num_labels != len(names):
+        raise ValueError(f"{where}: {len(names)} class names {names[:10]} but num_labels={num_labels}")
+    return Classes(len(names), {name: i for i, name in enumerate(names)})
+
+
+def label_id(row: dict, label_field: str, classes: Classes, where: str) -> int:
+    """The id of one row's label, or a ValueError naming the row and the classes training has."""
+    if label_field not in row:
+        raise ValueError(f"{where} has no {label_field!r} field (data.label_field); it has {sorted(row)}")
+    key = _label_key(row[label_field], where, label_field)
+    if classes.names is None:
+        if not isinstance(key, int) or not 0 <= key < classes.count:
+            raise ValueError(f"{where}: label {row[label_field]!r} is not one of training's classes 0..{classes.count - 1}")
+        return key
+    if str(key) not in classes.names:
+        raise ValueError(f"{where}: label {row[label_field]!r} is not one of training's classes "
+                         f"{sorted(classes.names)[:10]}")
+    return classes.names[str(key)]
 
 
 def classification_metrics(eval_pred) -> dict[str, float]:
@@ -208,11 +271,12 @@ def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
     text_field, label_field = data.get("text_field", "text"), data.get("label_field", "label")
     max_length = int(data.get("max_length", 128))
     train_rows = read_records(_resolve(base, data["train"]), text_field)
-    labels = label_mapping(train_rows, label_field) if task == "sequence_classification" else None
+    classes = (label_classes(train_rows, label_field, f"data.train ({data['train']})", cfg.get("num_labels"))
+               if task == "sequence_classification" else None)
 
     def dataset(path: str, where: str):
         return tokenize(read_records(_resolve(base, path), text_field), tokenizer, task, text_field, label_field,
-                        max_length, labels, where)
+                        max_length, classes, f"{where} ({path})")
 
     train = dataset(data["train"], "data.train")
     evals = {name: dataset(path, f"data.eval.{name}") for name, path in (data.get("eval") or {}).items()}
@@ -223,9 +287,9 @@ def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
     auto_class = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     model_class = _import(cfg["model_class"]) if cfg.get("model_class") else auto_class
     if task == "sequence_classification":
-        num_labels = cfg.get("num_labels") or (len(labels) if labels else 1 + max(r["labels"] for r in train))
-        extra = {"id2label": {i: n for n, i in labels.items()}, "label2id": labels} if labels else {}
-        model = model_class.from_pretrained(model_dir, num_labels=num_labels, **model_kwargs, **extra)
+        names = classes.names
+        extra = {"id2label": {i: n for n, i in names.items()}, "label2id": names} if names else {}
+        model = model_class.from_pretrained(model_dir, num_labels=classes.count, **model_kwargs, **extra)
         collator = DataCollatorWithPadding(tokenizer)
         metrics = classification_metrics
     else:
