@@ -127,37 +127,82 @@ def baseline_counts(args, rank: int, world: int) -> dict:
 
 
 BAD_CASES = {
-    # case: (stack, extra TRAMConfig fields, micro-batches per step, pass the base optimizer too)
-    "ds_max_grad_norm": ("zero2", {"max_grad_norm": 1.0}, 1, False),
-    "ds_micro_batch_count": ("zero2", {}, 2, False),
-    "ds_optimizer_given": ("zero2", {}, 1, True),
-    "fsdp_noised_without_embedding": ("fsdp2", {"target": "noised_input"}, 1, False),
-    "ds_fp16": ("zero0", {}, 1, False),
-    "rank_scope_on_sharded": ("fsdp2", {"scope": "rank"}, 1, False),
-    "ds_micro_mode": ("zero2", {"mode": "micro"}, 1, False),
-    "unwrapped_module_under_group": ("ddp", {}, 1, False),
+    # case: (stack, extra TRAMConfig fields, micro-batches per step on rank 0 and rank 1, pass the base optimizer too)
+    "ds_max_grad_norm": ("zero2", {"max_grad_norm": 1.0}, (1, 1), False),
+    "ds_micro_batch_count": ("zero2", {}, (2, 2), False),
+    "ds_optimizer_given": ("zero2", {}, (1, 1), True),
+    "fsdp_noised_without_embedding": ("fsdp2", {"target": "noised_input"}, (1, 1), False),
+    "ds_fp16": ("zero0", {}, (1, 1), False),
+    "rank_scope_on_sharded": ("fsdp2", {"scope": "rank"}, (1, 1), False),
+    "ds_micro_mode": ("zero2", {"mode": "micro"}, (1, 1), False),
+    "unwrapped_module_under_group": ("ddp", {}, (1, 1), False),
+    "fsdp2_uneven_micro_batches": ("fsdp2", {}, (2, 1), False),
+    "zero2_uneven_micro_batches": ("zero2", {}, (2, 1), False),
+    "fsdp1_optimizer_before_wrap": ("fsdp1", {}, (1, 1), False),
+    "fsdp2_tensor_parallel": ("fsdp2", {}, (1, 1), False),
+    "ds_internals_missing": ("zero2", {}, (1, 1), False),
+    "fsdp1_internals_missing": ("fsdp1", {}, (1, 1), False),
 }
 
 
-def bad_input(args, rank: int, world: int) -> dict:
-    """Build the stack, then hit one misconfiguration: every rank must raise the same ValueError
-    before TRAM issues any collective."""
-    stack, fields, micro, give_optimizer = BAD_CASES[args.bad]
+def bad_inputs(args, rank: int, world: int) -> dict:
+    """Every case of --bad (comma-separated) in this one process group, one after another: each
+    builds its stack, then hits one misconfiguration. Every rank must raise the same ValueError,
+    before TRAM issues any collective (the micro-batch count check issues its one all-reduce)."""
+    return {case: bad_input(case, rank, world) for case in args.bad.split(",")}
+
+
+def bad_input(case: str, rank: int, world: int) -> dict:
+    stack, fields, micro, give_optimizer = BAD_CASES[case]
     model = make_model(0)
-    wrapped, optimizer = stacks.wrap(stack, "", model, LR, dtype="fp16" if args.bad == "ds_fp16" else "fp32")
-    if args.bad == "fsdp_noised_without_embedding":
-        type(model).get_input_embeddings = lambda self: None  # a model that has no such layer
-    if args.bad == "unwrapped_module_under_group":
+    undo = lambda: None  # noqa: E731
+    if case == "fsdp1_optimizer_before_wrap":  # built over the parameters FSDP1 (flat) then replaces
+        early = stacks.make_optimizer(model.parameters(), LR)
+        wrapped, _ = stacks.wrap("fsdp1", "FULL_SHARD,flat", model, LR)
+        optimizer = early
+    elif case == "fsdp2_tensor_parallel":
+        wrapped, optimizer = _tensor_parallel(model)
+    else:
+        wrapped, optimizer = stacks.wrap(stack, "FULL_SHARD,orig" if stack == "fsdp1" else "", model, LR,
+                                         dtype="fp16" if case == "ds_fp16" else "fp32",
+                                         micro=1 if case == "ds_micro_batch_count" else max(micro))
+    if case == "fsdp_noised_without_embedding":
+        model.get_input_embeddings = lambda: None  # a model that has no such layer
+    if case == "unwrapped_module_under_group":
         wrapped = wrapped.module  # TRAM(ddp.module, ...): the plain module under DDP's group
+    if case == "ds_internals_missing":  # as a DeepSpeed without ZeRO-1/2's fragment mappings would be
+        for p in wrapped.module.parameters():
+            del p._hp_mapping
+    if case == "fsdp1_internals_missing":  # as a torch whose FSDP1 handle lacks post_reshard would be
+        from torch.distributed.fsdp._flat_param import FlatParamHandle
+
+        original = FlatParamHandle.post_reshard
+        del FlatParamHandle.post_reshard
+        undo = lambda: setattr(FlatParamHandle, "post_reshard", original)  # noqa: E731
     error = None
     with stacks.CollectiveCounter() as counter:
         try:
             opt = (wrapped.optimizer if give_optimizer else None) if stack.startswith("zero") else optimizer
             tram = TRAM(wrapped, opt, TRAMConfig(**fields))
-            tram.step(micro_batches(shard(make_batches(1)[0], rank, world), micro))
+            tram.step(micro_batches(shard(make_batches(1)[0], rank, world), micro[rank]))
         except ValueError as e:
             error = str(e)
+        finally:
+            undo()
     return {"error": error, "collectives": counter.counts}
+
+
+def _tensor_parallel(model):
+    """fc1 column-wise and fc2 row-wise over the 2 ranks (torch's tensor parallelism), then
+    fully_shard over a 1-rank data-parallel dimension: a (dp, tp) mesh TRAM must refuse."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    return model, stacks.make_optimizer(model.parameters(), LR)
 
 
 def fault_run(args, rank: int, world: int) -> dict:
@@ -222,14 +267,14 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="load the latest checkpoint, then go on")
     p.add_argument("--fault", action="store_true", help="the kill-and-restart run (see fault_run)")
     p.add_argument("--ds-config", default="", help="a ds_configs/ file to train with (see ds_config_run)")
-    p.add_argument("--bad", default="", choices=["", *BAD_CASES], help="a misconfiguration to hit")
+    p.add_argument("--bad", default="", help="misconfigurations to hit, comma-separated (BAD_CASES)")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = p.parse_args()
     stacks.init_distributed(args.stack)
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.bad or args.fault or args.ds_config:
-        result = (bad_input(args, rank, world) if args.bad else fault_run(args, rank, world) if args.fault
+        result = (bad_inputs(args, rank, world) if args.bad else fault_run(args, rank, world) if args.fault
                   else ds_config_run(args, rank, world))
         torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
         exit_run()

@@ -83,3 +83,46 @@ def test_killed_rank_restarts_from_the_last_complete_checkpoint(tmp_path, stack)
         diff = max((res["tram_previous"]["state"][k] - v).abs().max().item() for k, v in ref_state.items())
         assert diff <= 1e-6, f"rank {rank}: off by {diff:.3g}"
     assert (ckpt / "latest").read_text() == "step6"
+
+
+def test_reused_tag_whose_save_died_is_refused_not_mixed(tmp_path):
+    """A tag saved at step 2, reused at step 4 by a save that dies after TRAM's file but before
+    the model's: `latest` still names the tag, which now holds two steps' states. Loading it
+    raises, naming the file; a save that completes under the reused tag loads as usual."""
+    batches = make_batches(4)
+    _, tram = _tram()
+    for b in batches[:2]:
+        tram.step(b)
+    save_checkpoint(tram, str(tmp_path), tag="last")
+    for b in batches[2:]:
+        tram.step(b)
+
+    def dies(directory, tag, step):
+        raise KeyboardInterrupt("killed")
+
+    complete_save, tram.backend.save_checkpoint = tram.backend.save_checkpoint, dies
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tram, str(tmp_path), tag="last")
+    _, fresh = _tram()
+    with pytest.raises(ValueError, match=r"mixes two saves: '.*last/tram_rank0\.pt' holds TRAM's state after step 4, "
+                                         r"the local checkpoint the model after step 2"):
+        load_checkpoint(fresh, str(tmp_path))
+    tram.backend.save_checkpoint = complete_save
+    save_checkpoint(tram, str(tmp_path), tag="last")
+    _, fresh = _tram()
+    assert load_checkpoint(fresh, str(tmp_path)) == "last" and fresh.step_count == 4
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), r"cannot be read as TRAM's state \(truncated or not written by "
+                                                   r"tram_dist\)"),
+    (lambda p: torch.save({"model": 1}, p), r"is not TRAM's state: it holds \['model'\]"),
+])
+def test_truncated_or_foreign_state_file_is_named(tmp_path, damage, message):
+    _, tram = _tram()
+    tram.step(make_batches(1)[0])
+    save_checkpoint(tram, str(tmp_path))
+    damage(tmp_path / "step1" / "tram_rank0.pt")
+    _, fresh = _tram()
+    with pytest.raises(ValueError, match=r"load_checkpoint: '.*step1/tram_rank0\.pt' " + message):
+        load_checkpoint(fresh, str(tmp_path))
