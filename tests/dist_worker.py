@@ -218,10 +218,10 @@ def fault_run(args, rank: int, world: int) -> dict:
     if attempt == 0 and rank == 1:
         save = tram.backend.save_checkpoint
 
-        def dying_save(directory, tag):
+        def dying_save(directory, tag, step):
             if tag == "step4":
                 os.kill(os.getpid(), signal.SIGKILL)
-            save(directory, tag)
+            save(directory, tag, step)
 
         tram.backend.save_checkpoint = dying_save
     for step, batch in enumerate(make_batches(args.steps)):
