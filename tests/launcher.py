@@ -18,8 +18,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp_path, *worker_args: str, timeout: int = 240, max_restarts: int = 0) -> list[dict]:
-    """Launch 2 ranks; fail with their output on a non-zero exit or a hang; return rank results."""
+def torchrun(tmp_path, *worker_args: str, timeout: int = 240, max_restarts: int = 0,
+             script: str = "dist_worker.py") -> list[dict]:
+    """Launch 2 ranks of tests/<script>; fail with their output on a non-zero exit or a hang;
+    return rank results (each rank's rank{r}.pt in tmp_path)."""
     os.makedirs(tmp_path, exist_ok=True)
     # A run that may restart needs the c10d rendezvous: its store is fresh for every round, while
     # the static one keeps the dead attempt's addresses and the new gloo mesh cannot connect.
@@ -27,7 +29,7 @@ def torchrun(tmp_path, *worker_args: str, timeout: int = 240, max_restarts: int 
                   else ["--master_addr", "127.0.0.1", "--master_port", str(free_port())])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
            "--max-restarts", str(max_restarts), *rendezvous,
-           os.path.join(HERE, "dist_worker.py"), "--out", str(tmp_path), *worker_args]
+           os.path.join(HERE, script), "--out", str(tmp_path), *worker_args]
     env = dict(os.environ, OMP_NUM_THREADS="1", KINETO_LOG_LEVEL="5", PYTHONWARNINGS="ignore")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -67,6 +68,7 @@ class TRAM:
         self._metrics: dict[str, float] = {}
         self._held: list[Tensor] = []  # TRAM-Fisher's pass-1 logits
         self._skip = False
+        self._warned_zero_e = False
 
     # -- the one-call step ------------------------------------------------------------------
     def step(self, batches: Any, update: bool = True) -> dict[str, float]:
@@ -222,6 +224,13 @@ class TRAM:
             "e_norm": rules.e_norm(r, packed[: rules.NUM_SUMS], cfg.eps),
             "loss": float(packed[_LOSS_SUM]) / max(float(packed[_LOSS_COUNT]), 1.0),
         })
+        if self._metrics["e_norm"] == 0.0 and self._metrics["grad_norm"] > 0.0 and r > 0.0 and not self._warned_zero_e:
+            self._warned_zero_e = True
+            warnings.warn(f"TRAM: e = 0 at step {self.step_count + 1} although the gradient is not zero (grad_norm "
+                          f"{self._metrics['grad_norm']:.3g}): with geometry='asam' and eta={cfg.eta}, T = |theta| + eta "
+                          "is 0 where the trained weights are 0 (LoRA's B matrices start at zero), so nothing is "
+                          "perturbed. For adapters use geometry='sam' (README: Fine-tuning LLMs), or eta > 0",
+                          stacklevel=2)
         # Pass 2 of TRAM-Fisher adds the next step's KL from here on.
         self._partial.zero_()
         return r
