@@ -32,7 +32,7 @@ $(DATA): | $(STAMP)
 	$(PY) -m pip download -q --no-deps --no-binary :all: vaderSentiment==3.3.2 -d .data
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: setup
 	$(PY) -m tram_dist.demo
