@@ -363,7 +363,7 @@ class TRAM:
         else:
             return None
         try:
-            with torch.no_grad(), context:
+            with torch.no_grad(), context, self.backend.target_forward():
                 kl = self._measure(batch, current, mask)
         finally:
             if self.snapshot is not None:

@@ -52,6 +52,10 @@ class Backend:
         """The user's model under any wrapper, for finding the input-embedding layer."""
         return self.model
 
+    def target_forward(self):
+        """Context around a no-grad target forward that runs between a pass's forward and backward."""
+        return contextlib.nullcontext()
+
     # -- the local pieces --------------------------------------------------------------------
     def local_params(self) -> list[Tensor]:
         """This rank's pieces of theta (fp32 master where the stack keeps one)."""
