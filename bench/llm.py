@@ -28,11 +28,17 @@ values, counted; DeepSpeed's and the model's own are theirs). weight_copy_L is w
 by design on the weight side: a copy of the local shard of theta while theta + e is loaded (on
 FSDP2; none on ZeRO-3, whose fp32 masters hold theta) and a snapshot target's fp32 shard, so activation_extra_L = extra_over_adamw_L - weight_copy_L is the logits side.
 In the allocator's view the snapshot is alive in both steps, so allocated_logits_side_L is the
-allocator's extra less the theta copy alone. About 30 minutes here (8 jobs of 3-4 minutes).
+allocator's extra less the theta copy alone. In that view the all-gathers of ZeRO-3 and FSDP2
+write in place, as NCCL's do: gloo's all_gather_into_tensor gathers into a temporary of the
+output's size and copies it over, so on gloo each gather of a parameter costs twice its size for
+a moment (a gather of the 545 MB tied embedding on top of pass 1's activations was TRAM-previous's
+whole +0.62 L on ZeRO-3); --gloo-all-gather keeps gloo's there too. About 16 minutes here (8 jobs
+of about 2 minutes).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -128,13 +134,30 @@ def in_place_all_gather(output_tensor, input_tensor, group=None, async_op=False)
     return _Done() if async_op else None
 
 
+@contextlib.contextmanager
+def gathers_in_place():
+    """Every all-gather of FSDP2 (dist.all_gather_single) and DeepSpeed (the function its comm
+    backend bound at init) done by in_place_all_gather, for the allocator's view only: the timed
+    rounds use gloo's own."""
+    saved = dist.all_gather_single
+    cdb = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
+    saved_ds = getattr(cdb, "all_gather_function", None)
+    dist.all_gather_single = in_place_all_gather
+    if saved_ds is not None:
+        cdb.all_gather_function = in_place_all_gather
+    try:
+        yield
+    finally:
+        dist.all_gather_single = saved
+        if saved_ds is not None:
+            cdb.all_gather_function = saved_ds
+
+
 def worker(args) -> None:
     from tram_dist import TRAM, TRAMConfig
     from tram_dist.forward import causal_lm_forward
 
     dist.init_process_group("gloo")
-    if not args.gloo_all_gather:  # before DeepSpeed binds the function; FSDP2 calls all_gather_single
-        dist.all_gather_into_tensor = dist.all_gather_single = in_place_all_gather
     rank = dist.get_rank()
     torch.set_num_threads(1)
     model = build_model(args.layers)
@@ -165,7 +188,8 @@ def worker(args) -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the profiler's own buffers
     # The allocator's view, untimed (the profiler slows a step by about 40%): an AdamW step and a
     # method step from one origin, past the method's first step (which builds a snapshot).
-    with Allocations() as mem:
+    in_place = not args.gloo_all_gather and dist.get_backend() == "gloo"  # NCCL gathers in place itself
+    with Allocations() as mem, (gathers_in_place() if in_place else contextlib.nullcontext()):
         mem.mark("adamw")
         base_step(wrapped, optimizer, batch)
         mem.mark("tram")
@@ -263,8 +287,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--gloo-all-gather", action="store_true",
-                   help="gather with gloo's all_gather_into_tensor (a temporary of the output's size) instead of "
-                        "in place, as NCCL does")
+                   help="the allocator's view with gloo's all-gathers (a temporary of the output's size each) "
+                        "instead of in place, as NCCL gathers")
     p.add_argument("--tmp", default="/tmp/tram_bench_llm")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "llm_results.json"))
     args = p.parse_args()
