@@ -1,6 +1,6 @@
 """LoRA adapters (a real peft model) under TRAM: the recommended geometry perturbs from step 1,
 the default one warns where it would not, and 2 ranks on DDP, ZeRO-3 and FSDP2 match a
-single-process reference written here from the rules (README: How it works), not with tram_dist."""
+single-process reference written here from the rules (docs/how-it-works.md), not with tram_dist."""
 from __future__ import annotations
 
 import warnings
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher import torchrun
+from lm_reference import sam_steps, weights_at
 from peft_worker import LR, SETTINGS, global_batches, lora_lm
 
 from tram_dist import TRAM, TRAMConfig
@@ -29,43 +30,22 @@ def reference(steps_batches):
     model = lora_lm()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR)
-    previous, radii = None, []
-    for batch in steps_batches:
-        out = model(**batch)
-        grads = torch.autograd.grad(out.loss, params)
-        if previous is None:
-            d = SETTINGS["radius_at_start"]
-        else:
-            with torch.no_grad():
-                now = [p.detach().clone() for p in params]
-                for p, q in zip(params, previous):
-                    p.copy_(q)
+
+    def kl_of(batch, previous):
+        with torch.no_grad():
+            current = model(**batch).logits
+            with weights_at(params, previous):
                 target = model(**batch).logits
-                for p, q in zip(params, now):
-                    p.copy_(q)
-                d = min(SETTINGS["scale"] * _kl_mean(out.logits.detach(), target).item(), SETTINGS["rho_max"])
-        radii.append(d)
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).float()
-        e = [d * g / (norm + 1e-12) for g in grads]
-        with torch.no_grad():
-            for p, de in zip(params, e):
-                p.add_(de)
-        grads2 = torch.autograd.grad(model(**batch).loss, params)
-        with torch.no_grad():
-            for p, de in zip(params, e):
-                p.sub_(de)
-        previous = [p.detach().clone() for p in params]
-        for p, g in zip(params, grads2):
-            p.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        return _kl_mean(current, target).item()
+
+    radii = sam_steps(params, torch.optim.AdamW(params, lr=LR), steps_batches, lambda b: model(**b).loss, kl_of,
+                      SETTINGS)
     return {n: p.detach() for n, p in model.named_parameters()}, names, radii
 
 
 def test_recommended_adapter_settings_perturb_from_the_first_step_and_the_default_warns():
     """LoRA's B starts at zero, so ASAM's T = |theta| (eta 0, the default) gives e = 0 at step 1:
-    TRAM warns once. geometry="sam" (README's setting for adapters) gives |e| = d from step 1."""
+    TRAM warns once. geometry="sam" (docs/trainer-and-cli.md's setting for adapters) gives |e| = d from step 1."""
     batch = {k: v[:2] for k, v in global_batches()[0].items()}
 
     def first_step(config):

@@ -14,8 +14,13 @@ then clips and applies g' as it would its own gradient. Under DeepSpeed the engi
 TRAM's to take (engine.step() after pass 2); the Trainer's optimizer and scheduler calls are
 no-ops there already, and the config's gradient_clipping (HF "auto": max_grad_norm) clips.
 
-A TRAM step weighs each micro-batch's mean loss equally, as TRAM's own steps do; the Trainer's
-token-count weighting of causal-LM losses (num_items_in_batch) does not apply to TRAM steps.
+A causal LM's token loss (HF's, which takes num_items_in_batch) and a compute_loss_func weigh a
+window's micro-batches by their loss tokens, as the Trainer's own step does: each micro-batch's
+loss is its token sum over the window's token count (all ranks'), in pass 1 and pass 2; the
+divergence is a mean over all counted positions of the window already. Other models' losses are
+each micro-batch's mean and weigh equally. (The Trainer's own step also passes the count to
+models whose loss ignores it, such as BertForSequenceClassification, and then sums the
+micro-batch means times the world size; TRAM steps do not copy that.)
 """
 from __future__ import annotations
 
@@ -43,13 +48,22 @@ LOGGED = ("d", "kl", "grad_norm", "e_norm", "loss_perturbed", "skipped")
 _FIELDS = [f for f in dataclasses.fields(TRAMConfig) if f.name != "max_grad_norm"]
 
 
+def with_tram_fields(base: type, name: str, module: str = __name__) -> type:
+    """``base`` (TrainingArguments or a subclass) plus one ``tram_<name>`` field per TRAMConfig
+    setting and ``tram`` on/off, so that HfArgumentParser gives ``--tram_target previous``."""
+    cls = dataclasses.make_dataclass(name, list(_tram_fields()), bases=(base,), namespace={
+        "tram_config": _tram_config, "__doc__": f"{base.__name__} with TRAM's settings as tram_* fields."})
+    cls.__module__ = module  # the Trainer pickles its arguments into checkpoints
+    return cls
+
+
 def _tram_fields():
     hints = typing.get_type_hints(TRAMConfig)
     yield "tram", bool, dataclasses.field(default=True, metadata={
         "help": "Take TRAM steps; False trains with the Trainer's own step (the base-optimizer baseline)."})
     for f in _FIELDS:
         yield f"tram_{f.name}", hints[f.name], dataclasses.field(default=f.default, metadata={
-            "help": f"TRAMConfig.{f.name} (README: Settings)" + ("; 'none' for None" if f.name == "target" else "")})
+            "help": f"TRAMConfig.{f.name} (docs/settings.md)" + ("; 'none' for None" if f.name == "target" else "")})
 
 
 def _tram_config(self) -> TRAMConfig:
@@ -60,12 +74,7 @@ def _tram_config(self) -> TRAMConfig:
     return TRAMConfig(**values)
 
 
-# TrainingArguments plus one `tram_<name>` field per TRAMConfig setting (and `tram` on/off), so
-# HfArgumentParser gives `--tram_target previous --tram_scale 100` on the command line.
-TRAMTrainingArguments = dataclasses.make_dataclass(
-    "TRAMTrainingArguments", list(_tram_fields()), bases=(TrainingArguments,),
-    namespace={"tram_config": _tram_config, "__doc__": "TrainingArguments with TRAM's settings as tram_* fields."})
-TRAMTrainingArguments.__module__ = __name__  # the Trainer pickles its arguments into checkpoints
+TRAMTrainingArguments = with_tram_fields(TrainingArguments, "TRAMTrainingArguments")
 
 
 class TRAMTrainer(Trainer):
@@ -94,6 +103,9 @@ class TRAMTrainer(Trainer):
         self._window: list[dict[str, Any]] = []
         self._tram_logs: dict[str, list[float]] = defaultdict(list)
         self._tram_resume: Optional[str] = None
+        self._num_items, self._window_size = None, 1
+        # The Trainer's own reading of the model: its loss is the causal-LM token loss (labels shifted).
+        self._shifts_labels = bool(getattr(self, "_loss_shifts_labels", False))
 
     # -- the step ----------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -105,6 +117,11 @@ class TRAMTrainer(Trainer):
             return torch.zeros((), device=self.args.device)
         window, self._window = self._window, []
         tram = self._tram_for(model)
+        # Token weighting where the loss divides by the window's count: a causal LM's token loss
+        # (it takes num_items_in_batch), or a compute_loss_func (given it, as by the Trainer).
+        weighs = self._shifts_labels or self.compute_loss_func is not None
+        self._num_items = num_items_in_batch if weighs else None
+        self._window_size = len(window)
         # DeepSpeed: TRAM takes engine.step(); elsewhere the Trainer clips and steps after this.
         metrics = tram.step(window, update=not tram.backend.caller_may_update)
         for key in LOGGED:  # kept as they come (some are device tensors): read when logged
@@ -128,9 +145,18 @@ class TRAMTrainer(Trainer):
     def _forward(self, module, inputs):
         """(loss, logits, mask) through the Trainer's own compute_loss (label smoothing, custom losses)."""
         with self.compute_loss_context_manager():
-            loss, outputs = self.compute_loss(module, inputs, return_outputs=True)
+            loss, outputs = self._compute_loss(module, inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-        return (loss, *_predictions(logits, inputs, getattr(self, "_loss_shifts_labels", False)))
+        return (self._window_loss(loss), *_predictions(logits, inputs, self._shifts_labels))
+
+    def _compute_loss(self, module, inputs):
+        """(loss, outputs) of one micro-batch, with the window's token count where the Trainer weighs by it."""
+        return self.compute_loss(module, inputs, return_outputs=True, num_items_in_batch=self._num_items)
+
+    def _window_loss(self, loss):
+        """TRAM scales each micro-batch's loss by 1/n; a loss already over the window's token count
+        (token sum / N) is multiplied back by n, so that the step's gradient is the Trainer's."""
+        return loss * self._window_size if self._num_items is not None else loss
 
     # -- logs and checkpoints ----------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -26,7 +26,7 @@ _KL_SUM, _KL_COUNT, _LOSS_SUM, _LOSS_COUNT = (rules.NUM_SUMS + i for i in range(
 class TRAM:
     """Wraps a model (plain, DDP, FSDP1, FSDP2) and its base optimizer, or a DeepSpeed engine.
 
-    One step (README: How it works):
+    One step (docs/how-it-works.md):
       1. pass 1 at theta over the step's micro-batches; for each, between its forward and its
          backward, a no-grad target forward and the local KL sum and count, chunk by chunk (its
          logits are released before the backward, so they add nothing to the backward's peak);
@@ -69,6 +69,7 @@ class TRAM:
         self._held: list[Tensor] = []  # TRAM-Fisher's pass-1 logits
         self._skip = False
         self._warned_zero_e = False
+        self.forward_role: Optional[str] = None
 
     # -- the one-call step ------------------------------------------------------------------
     def step(self, batches: Any, update: bool = True) -> dict[str, float]:
@@ -101,7 +102,7 @@ class TRAM:
         """Pass-1 forward of one micro-batch and its observation; returns the loss for the backward.
         The logits go out of scope here, before the backward (the KL has been taken already)."""
         with self.first_pass():
-            loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
+            loss, logits, mask = self._call_forward("pass1", self.backend.forward_module, batch)
         self.observe(batch, logits, mask, loss)
         return loss
 
@@ -109,7 +110,7 @@ class TRAM:
         """Pass 2 on one micro-batch at theta + e; its gradient is scaled by 1/n. Returns the loss (on
         the device); TRAM-Fisher's KL is taken before the backward, so the logits are gone by then."""
         with self.backend.micro_batch(0, 1) if reduce_each else self.backend.micro_batch(index, n):
-            loss, logits, mask = split_output(self.forward_fn(self.backend.forward_module, batch))
+            loss, logits, mask = self._call_forward("pass2", self.backend.forward_module, batch)
             self.observe_perturbed(logits, mask)
             del logits
             self.backend.backward(loss, n)
@@ -137,7 +138,7 @@ class TRAM:
         n, loss_sum = len(micro), 0.0
         for i, batch in enumerate(micro):
             with self.backend.micro_batch(i, n):
-                loss, _, _ = split_output(self.forward_fn(self.backend.forward_module, batch))
+                loss, _, _ = self._call_forward("pass1", self.backend.forward_module, batch)
                 self.backend.backward(loss, n)
             loss_sum = loss_sum + loss.detach()
         self._metrics = {"tram": 0.0}
@@ -229,7 +230,7 @@ class TRAM:
             warnings.warn(f"TRAM: e = 0 at step {self.step_count + 1} although the gradient is not zero (grad_norm "
                           f"{self._metrics['grad_norm']:.3g}): with geometry='asam' and eta={cfg.eta}, T = |theta| + eta "
                           "is 0 where the trained weights are 0 (LoRA's B matrices start at zero), so nothing is "
-                          "perturbed. For adapters use geometry='sam' (README: Fine-tuning LLMs), or eta > 0",
+                          "perturbed. For adapters use geometry='sam' (docs/trainer-and-cli.md: LoRA adapters), or eta > 0",
                           stacklevel=2)
         # Pass 2 of TRAM-Fisher adds the next step's KL from here on.
         self._partial.zero_()
@@ -381,8 +382,18 @@ class TRAM:
             if self.tap.accept(job, output):
                 return job["kl"]
             # Not measured in the head (see HeadTap): the full target forward once more.
-        target = split_output(self.forward_fn(module, batch))[1]
+        target = self._call_forward("target", module, batch)[1]
         return divergence.kl_sum_count(current, target, cfg.divergence, mask, cfg.kl_chunk)
+
+    def _call_forward(self, role: str, module: nn.Module, batch: Any) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """forward_fn for one of a step's forwards; ``forward_role`` says which while it runs:
+        "pass1" (at theta; the step's loss), "target" (no grad; only the logits are used) or
+        "pass2" (at theta + e). A forward that keeps metrics (TRL's SFTTrainer) counts pass 1 only."""
+        self.forward_role = role
+        try:
+            return split_output(self.forward_fn(module, batch))
+        finally:
+            self.forward_role = None
 
     def _radius(self, packed: Tensor) -> float:
         cfg = self.config

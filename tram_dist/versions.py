@@ -9,7 +9,8 @@ from __future__ import annotations
 from importlib import metadata
 
 # Tested together (CI installs exactly these through the Makefile and pyproject's test extra).
-TESTED = {"torch": "2.13.0", "deepspeed": "0.19.8", "transformers": "5.24.0", "accelerate": "1.15.0"}
+TESTED = {"torch": "2.13.0", "deepspeed": "0.19.8", "transformers": "5.24.0", "accelerate": "1.15.0",
+          "peft": "0.21.2", "trl": "1.16.0"}
 
 
 def installed(package: str) -> str:
