@@ -140,7 +140,28 @@ def test_finetune_tiny_llama_zero3_then_resume(tmp_path):
         assert results_b[name]["loss"] == pytest.approx(results[name]["loss"], rel=1e-6)
 
 
+def test_finetune_lora_causal_lm_one_process(tmp_path):
+    """docs/trainer-and-cli.md's LoRA config: only the adapters train, and e > 0 from the first TRAM step (SAM geometry)."""
+    from safetensors.torch import load_file
+
+    config = write_config(tmp_path, make_model_dir(tmp_path))
+    lora = "lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj], lora_dropout: 0.0}"
+    tram = "tram={geometry: sam, target: previous, scale: 30.0, rho_max: 0.5, radius_at_start: 0.05}"
+    cmd = [sys.executable, "-m", "tram_dist", "finetune", config, lora, tram, "deepspeed=null", "training.max_steps=2",
+           "training.save_strategy='no'", "training.output_dir=run_lora", "data.eval={}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    logs = [e for e in read_jsonl(tmp_path / "run_lora" / "metrics.jsonl") if "loss" in e]
+    assert [e["step"] for e in logs] == [1, 2]
+    assert logs[0]["tram/e_norm"] == pytest.approx(0.05, rel=1e-6) and logs[1]["tram/e_norm"] > 0
+    adapters = load_file(str(tmp_path / "run_lora" / "adapter_model.safetensors"))  # the adapters alone
+    assert adapters and all("lora_" in k for k in adapters)
+    assert max(float(v.abs().max()) for k, v in adapters.items() if "lora_B" in k) > 0  # B trained from zero
+
+
 @pytest.mark.parametrize("override,message", [
+    ("lora={rank: 4}", r"lora: .*rank"),
     ("task=regression", r"task must be one of \['sequence_classification', 'causal_lm'\], got 'regression'"),
     ("tram.geometry=adam", r"TRAMConfig\.geometry must be one of"),
     ("data.train=missing.txt", r"data\.train: file .*missing\.txt' does not exist"),

@@ -2,7 +2,7 @@
 
 Also `python -m tram_dist finetune ...`; on several processes under any launcher, e.g.
 `torchrun --nproc_per_node 8 -m tram_dist finetune run.yaml`. One YAML or JSON file says
-everything (README: Fine-tuning CLI); `key=value` arguments override it by dotted path
+everything (docs/trainer-and-cli.md: Fine-tuning CLI); `key=value` arguments override it by dotted path
 (`training.max_steps=20 tram.target=previous`). The run is the HF Trainer with TRAMTrainer:
 a progress bar on rank 0, metrics in OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/tensorboard,
 evaluation on every held-out set by name, checkpoints it can resume from (`resume: true`).
@@ -21,7 +21,7 @@ from typing import Any, NoReturn, Optional
 
 TASKS = ("sequence_classification", "causal_lm")
 KEYS = {"task", "model", "model_class", "model_kwargs", "tokenizer", "num_labels", "data", "deepspeed", "fsdp",
-        "fsdp_config", "tram", "training", "resume", "save_final"}
+        "fsdp_config", "lora", "tram", "training", "resume", "save_final"}
 DATA_KEYS = {"train", "eval", "text_field", "label_field", "max_length"}
 FORMATS = (".jsonl", ".json", ".csv", ".tsv", ".txt")
 
@@ -88,6 +88,7 @@ def validate(cfg: dict[str, Any], base: str) -> None:
         raise ValueError(f"model_class must be 'package.module:ClassName', got {model_class!r}")
     if not isinstance(cfg.get("model_kwargs", {}), dict):
         raise ValueError("model_kwargs must be a mapping passed to from_pretrained, e.g. {num_hidden_layers: 3}")
+    lora_config(cfg)  # names a bad LoRA setting
     if cfg.get("deepspeed") and cfg.get("fsdp"):
         raise ValueError("set one of deepspeed or fsdp, not both")
     ds = cfg.get("deepspeed")
@@ -239,6 +240,25 @@ def classification_metrics(eval_pred) -> dict[str, float]:
 
 
 # -- the run -----------------------------------------------------------------------------------------
+def lora_config(cfg: dict[str, Any]):
+    """peft's LoraConfig from the config's `lora` mapping (its fields: r, lora_alpha,
+    target_modules, lora_dropout, ...), or None without one."""
+    lora = cfg.get("lora")
+    if lora is None:
+        return None
+    if not isinstance(lora, dict):
+        raise ValueError("lora must be a mapping of peft LoraConfig fields, e.g. {r: 16, target_modules: [q_proj, v_proj]}")
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ValueError("lora: needs peft (pip install peft)") from None
+    task_type = "CAUSAL_LM" if cfg["task"] == "causal_lm" else "SEQ_CLS"
+    try:
+        return LoraConfig(**{"task_type": task_type, **lora})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"lora: {e}") from None
+
+
 def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
     import torch
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
@@ -298,6 +318,11 @@ def finetune(cfg: dict[str, Any], base: str) -> dict[str, dict[str, float]]:
         metrics = None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    lora = lora_config(cfg)
+    if lora is not None:  # only the adapters train (and, for classification, the new head)
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora)
 
     trainer = TRAMTrainer(model=model, args=args, train_dataset=train, eval_dataset=evals or None,
                           data_collator=collator, processing_class=tokenizer, compute_metrics=metrics,
@@ -381,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> NoReturn:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     sub = parser.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="fine-tune a model from one YAML/JSON config")
-    ft.add_argument("config", help="YAML or JSON config file (README: Fine-tuning CLI)")
+    ft.add_argument("config", help="YAML or JSON config file (docs/trainer-and-cli.md: Fine-tuning CLI)")
     ft.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=20")
     args = parser.parse_args(argv)
     try:
