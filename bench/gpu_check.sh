@@ -53,7 +53,7 @@ def measure(method: str) -> dict:
     out = {"method": method, "params": sum(p.numel() for p in model.parameters()),
            "step_s": (time.perf_counter() - start) / steps, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     # Host syncs of one more step: torch reports each synchronizing call; count those made from
-    # tram_dist's own code (the model's and the optimizer's are not TRAM's). README: at most 1.
+    # tram_dist's own code (the model's and the optimizer's are not TRAM's). docs/how-it-works.md: at most 1.
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

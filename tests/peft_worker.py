@@ -1,7 +1,7 @@
 """LoRA adapters (a real peft model) under TRAM on 2 ranks: DDP, ZeRO-3 and FSDP2 in one launch.
 
 Each stack trains its own copy of the same tiny causal LM with LoRA (r=4 on q_proj and v_proj)
-for 3 TRAM steps on this rank's half of each global batch, with the settings README recommends
+for 3 TRAM steps on this rank's half of each global batch, with the settings docs/trainer-and-cli.md recommends
 for adapters (geometry "sam") and a "previous" target; rank results: the full weights and the
 metrics. tests/test_peft.py compares them with a single-process reference on the full batch.
 """

@@ -1,4 +1,4 @@
-"""A single-process TRAM written by hand from the paper's rules (README: How it works), not with tram_dist.
+"""A single-process TRAM written by hand from the paper's rules (docs/how-it-works.md), not with tram_dist.
 
 It trains TinyClassifier on the FULL global batch; a distributed run on per-rank slices must
 end at the same weights. The only thing it shares with tram_dist is the documented noise

@@ -1,6 +1,7 @@
 """Bad input gets a clear ValueError naming the setting, before any collective, on every rank.
 
-Each case here is a row of README's "Bad inputs" table (a test checks the table names them all).
+Each case here is a row of the "Bad inputs" table in docs/troubleshooting.md (a test checks the
+table names them all).
 """
 from __future__ import annotations
 
@@ -159,9 +160,9 @@ CHECKPOINT_CASES = ("save_between_ascent_and_descent", "load_without_complete_ch
 
 
 def test_readme_table_lists_every_case():
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "docs", "troubleshooting.md")) as f:
         table = re.search(r"^## Bad inputs\n(.*?)(?=^## )", f.read(), flags=re.S | re.M)
-    assert table, "README.md has no '## Bad inputs' section"
+    assert table, "docs/troubleshooting.md has no '## Bad inputs' section"
     named = set(re.findall(r"^\| `(\w+)` \|", table.group(1), flags=re.M))
     expected = set(LOCAL_CASES) | set(DIST_CASES) | set(CHECKPOINT_CASES)
     assert named == expected, (sorted(expected - named), sorted(named - expected))

@@ -1,6 +1,6 @@
 """bench/: the counted parts of `make bench` on DDP (2 ranks), and bench/gpu_check.sh's shape.
 
-Step-time ratios are measured by `make bench` and quoted in README; no test asserts a time. What
+Step-time ratios are measured by `make bench` and quoted in docs/results.md; no test asserts a time. What
 is asserted here is counted: TRAM adds exactly one all-reduce (56 bytes) to two plain passes,
 holds exactly one copy of the local pieces while theta + e is loaded, and a snapshot target holds
 one more; the plain-loop SAM peer holds a full weight copy.

@@ -1,4 +1,6 @@
-"""Run every examples/ script for real and check what it prints; keep README and examples in step.
+"""Run every examples/ script for real and check what it prints; keep the docs and examples in step.
+
+The per-stack snippets live in the Usage section of docs/stacks-and-precision.md (USAGE_DOC).
 
 local.py runs as one process; every other script runs on 2 gloo ranks under torchrun. Only rank 0
 prints, one line per step: "step S d=... grad_norm=... e_norm=... loss=...".
@@ -18,6 +20,7 @@ from launcher import WORLD, free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 SCRIPTS = sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".py"))
+USAGE_DOC = os.path.join(ROOT, "docs", "stacks-and-precision.md")
 SINGLE_PROCESS = {"local.py"}
 STEPS = 3
 TIMEOUT = 240
@@ -56,33 +59,34 @@ def test_example_runs(script):
 
 
 def _usage_section() -> str:
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(USAGE_DOC) as f:
         text = f.read()
     m = re.search(r"^## Usage\n(.*?)(?=^## )", text, flags=re.S | re.M)
-    assert m, "README.md has no '## Usage' section followed by another section"
+    assert m, "docs/stacks-and-precision.md has no '## Usage' section followed by another section"
     return m.group(1)
 
 
-def test_readme_usage_references_every_example():
+def test_usage_doc_references_every_example():
     usage = _usage_section()
     missing = [s for s in SCRIPTS if f"examples/{s}" not in usage]
-    assert not missing, f"README.md's Usage section does not mention {missing}"
+    assert not missing, f"the Usage section of docs/stacks-and-precision.md does not mention {missing}"
     stale = sorted(set(re.findall(r"examples/(\w+\.py)", usage)) - set(SCRIPTS))
-    assert not stale, f"README.md's Usage section names examples that do not exist: {stale}"
+    assert not stale, f"the Usage section of docs/stacks-and-precision.md names examples that do not exist: {stale}"
 
 
-def test_readme_snippets_are_excerpts_of_the_examples_that_run():
-    """Every code line of a README Usage snippet stands verbatim in the example script its
-    heading links to, so the snippets are code that test_example_runs executes."""
+def test_usage_snippets_are_excerpts_of_the_examples_that_run():
+    """Every code line of a Usage snippet (docs/stacks-and-precision.md) stands verbatim in the
+    example script its heading links to, so the snippets are code that test_example_runs executes."""
     usage = _usage_section()
-    sections = re.findall(r"^### .*?\(examples/(\w+\.py)\)\n(.*?)(?=^### |\Z)", usage, flags=re.S | re.M)
+    # A heading links its script from docs/: "### DDP: [examples/ddp.py](../examples/ddp.py)".
+    sections = re.findall(r"^### .*?\((?:\.\./)?examples/(\w+\.py)\)\n(.*?)(?=^### |\Z)", usage, flags=re.S | re.M)
     assert len(sections) == len(SCRIPTS), [s for s, _ in sections]
     for script, body in sections:
         with open(os.path.join(EXAMPLES, script)) as f:
             source = {_code(line) for line in f}
         for block in re.findall(r"```python\n(.*?)```", body, flags=re.S):
             missing = [_code(ln) for ln in block.splitlines() if _code(ln) and _code(ln) not in source]
-            assert not missing, f"README snippet for {script} has lines not in the script: {missing}"
+            assert not missing, f"the Usage snippet for {script} has lines not in the script: {missing}"
 
 
 def _code(line: str) -> str:

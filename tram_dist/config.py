@@ -1,4 +1,4 @@
-"""TRAMConfig: every TRAM setting in one validated dataclass (README: Settings, How it works)."""
+"""TRAMConfig: every TRAM setting in one validated dataclass (docs/settings.md, docs/how-it-works.md)."""
 from __future__ import annotations
 
 import dataclasses

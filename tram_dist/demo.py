@@ -37,7 +37,7 @@ OUT_OF_DOMAIN = ("amazon", "nyt", "tweets")
 # TRAM-x with the radius d_t = scale * KL(p(x + z) || p(x)), clamped at 1. The scale comes from the
 # radius alone (no evaluation set was looked at): over a full run the per-sentence KL of sigma-0.1
 # embedding noise has a median of about 0.057 on this model (bench/experiments.py --calibrate), so
-# 10 puts d_t near ASAM's baseline radius 0.5 (README: Demo).
+# 10 puts d_t near ASAM's baseline radius 0.5 (docs/results.md: Demo).
 TRAM = {"target": "noised_input", "sigma": 0.1, "scale": 10.0, "rho_max": 1.0}
 METHODS = {"adamw": False, "tram": TRAM}
 

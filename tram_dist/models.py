@@ -1,4 +1,4 @@
-"""Model heads the CLI can name with `model_class` (README: Fine-tuning CLI)."""
+"""Model heads the CLI can name with `model_class` (docs/trainer-and-cli.md: Fine-tuning CLI)."""
 from __future__ import annotations
 
 import torch

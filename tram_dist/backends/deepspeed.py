@@ -219,7 +219,7 @@ class Zero12Backend(DeepSpeedBackend):
     Each parameter's local fragment is p._hp_mapping (None on a rank holding none of it). After
     writing its fragments a rank all-gathers the bit16 partitions (DeepSpeed's own routine), so
     every rank's replica holds theta + e; that is the one collective ZeRO-1/2 adds beyond the
-    packed all-reduce, P bit16 elements in all (see README).
+    packed all-reduce, P bit16 elements in all (docs/how-it-works.md, the backend table).
     """
 
     def _groups(self):
