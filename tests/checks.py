@@ -32,6 +32,12 @@ def assert_plain_grads(results: list[dict], tol: float) -> None:
             assert diff <= tol, f"rank {rank}: plain gradient of {name} differs by {diff:.3g}"
 
 
+def d_tolerance(ref_metrics: dict, tol: float) -> float:
+    """d = scale * KL; the KL of two close distributions is a difference of log-probs (fp32 ulp
+    ~1.2e-7 near log(1/3)), so its absolute error is ~2.5e-7 times the scale in use."""
+    return max(tol, (ref_metrics.get("kl_scale") or 1.0) * 2.5e-7)
+
+
 def assert_matches_reference(results: list[dict], methods, tol: float) -> None:
     for method in methods:
         ref_state, ref_metrics = reference(method)
@@ -40,13 +46,12 @@ def assert_matches_reference(results: list[dict], methods, tol: float) -> None:
             for name, want in ref_state.items():
                 diff = (got["state"][name].float() - want).abs().max().item()
                 assert diff <= tol, f"{method} rank {rank}: {name} differs by {diff:.3g} (tol {tol:g})"
-            # d = scale * KL; the KL of two close distributions is a difference of log-probs
-            # (fp32 ulp ~1.2e-7 near log(1/3)), so its absolute error is ~2.5e-7 times scale.
-            d_tol = max(tol, METHODS[method].get("scale", 1.0) * 2.5e-7)
             for step, (m, r) in enumerate(zip(got["metrics"], ref_metrics)):
                 if not r:  # a plain step (interval > 1) has no radius
                     continue
-                assert m["d"] == pytest.approx(r["d"], rel=1e-5, abs=d_tol), f"{method} step {step} d"
+                assert m["d"] == pytest.approx(r["d"], rel=1e-5, abs=d_tolerance(r, tol)), f"{method} step {step} d"
+                if r["kl_scale"] is not None:  # the scale in use (scale="auto": once calibrated)
+                    assert m["kl_scale"] == pytest.approx(r["kl_scale"], rel=1e-5), f"{method} step {step} kl_scale"
                 for key in ("loss", "grad_norm"):
                     assert m[key] == pytest.approx(r[key], rel=1e-5, abs=tol), f"{method} step {step} {key}"
 

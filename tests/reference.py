@@ -7,6 +7,8 @@ output's shape per micro-batch, so the reference concatenates the draws in data 
 """
 from __future__ import annotations
 
+import statistics
+
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +87,11 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
     rho = method.get("rho")
     eta, eta_f = method.get("eta", 0.0), method.get("eta_f", 0.1)
     scale, rho_max = method.get("scale", 1.0), method.get("rho_max")
+    # scale "auto": the baseline radius (rho, else the paper's for the geometry) while the mean KL of
+    # the first auto_steps measured steps is recorded, then scale = baseline / their median.
+    auto, auto_kls, auto_scale = scale == "auto", [], None
+    baseline = rho if rho is not None else {"sam": 0.05, "asam": 0.5, "fisher": 0.1}[geometry]
+    scale = 1.0 if auto else scale
     sigma, direction = method.get("sigma", 0.1), method.get("divergence", "forward")
     decay, seed = method.get("ema_decay", 0.99), method.get("seed", 0)
     model = make_model(0)
@@ -149,6 +156,15 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
                     for p, th in zip(params, thetas):
                         p.copy_(th)
                     r = scale * _kl_per_example(clean.detach(), tgt, direction).mean().item()
+                measured = target is not None and not (noised_pass and lagged_kl is None) and not (
+                    target in ("previous",) and snapshot is None)
+                if auto and measured and auto_scale is None:
+                    auto_kls.append(r)  # the mean KL (scale is 1 under "auto")
+                    r = baseline
+                    if len(auto_kls) == method.get("auto_steps", 10):
+                        auto_scale = baseline / statistics.median(auto_kls)
+                elif auto and measured:
+                    r = auto_scale * r
                 if target is not None and rho_max is not None:
                     r = min(r, rho_max)
                 for p, th, e in zip(params, thetas, _e(geometry, thetas, grads, r, eta, eta_f)):
@@ -177,5 +193,6 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
         r, loss = sum(radii) / len(radii), sum(losses) / len(losses)
         opt.step()
         opt.zero_grad()
-        metrics.append({"d": r, "loss": loss, "grad_norm": grad_norms[0]})
+        metrics.append({"d": r, "loss": loss, "grad_norm": grad_norms[0],
+                        "kl_scale": (auto_scale if auto else scale) if target is not None else None})
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics

@@ -16,22 +16,23 @@ def _tram(method="tram_previous"):
     return model, TRAM(model, torch.optim.AdamW(model.parameters(), lr=LR), TRAMConfig(**METHODS[method]))
 
 
-def test_local_resume_round_trip(tmp_path):
+@pytest.mark.parametrize("method,saved_at", [("tram_previous", 2), ("tram_auto", 1)])
+def test_local_resume_round_trip(tmp_path, method, saved_at):
+    """tram_auto is saved half-way through its 2 calibration steps: the resumed run fixes the same scale."""
     batches = make_batches(4)
-    model, tram = _tram()
-    for b in batches:
-        tram.step(b)
+    model, tram = _tram(method)
+    straight_metrics = [tram.step(b) for b in batches]
     straight = {k: v.clone() for k, v in model.state_dict().items()}
-    model, tram = _tram()
-    for b in batches[:2]:
+    model, tram = _tram(method)
+    for b in batches[:saved_at]:
         tram.step(b)
     save_checkpoint(tram, str(tmp_path))
-    model, tram = _tram()
-    assert load_checkpoint(tram, str(tmp_path)) == "step2" and tram.step_count == 2
-    for b in batches[2:]:
-        tram.step(b)
+    model, tram = _tram(method)
+    assert load_checkpoint(tram, str(tmp_path)) == f"step{saved_at}" and tram.step_count == saved_at
+    resumed_metrics = [tram.step(b) for b in batches[saved_at:]]
     for k, v in model.state_dict().items():
         assert torch.equal(v, straight[k]), k
+    assert [m["kl_scale"] for m in resumed_metrics] == [m["kl_scale"] for m in straight_metrics[saved_at:]]
 
 
 def test_saving_between_ascent_and_descent_is_refused(tmp_path):

@@ -97,6 +97,9 @@ def test_training_arguments_carry_tram_settings():
          "--tram_geometry", "sam"])
     assert args.tram_config() == TRAMConfig(geometry="sam", target="previous", scale=100.0, rho_max=1.0)
     (args,) = HfArgumentParser(TRAMTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", "unused", "--tram_scale", "auto", "--tram_auto_steps", "5"])
+    assert args.tram_config() == TRAMConfig(scale="auto", auto_steps=5)
+    (args,) = HfArgumentParser(TRAMTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", "unused", "--tram_target", "none", "--tram_rho", "0.05"])
     assert args.tram_config().target is None and args.tram_config().radius == 0.05
     assert not hasattr(args, "tram_max_grad_norm")  # the Trainer's max_grad_norm clips g'

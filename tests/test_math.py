@@ -146,6 +146,7 @@ def test_plain_step_leaves_theta_exactly_when_lr_zero():
     ("geometry", "adam", "sam"), ("target", "prev", "previous"), ("divergence", "js", "symmetric"),
     ("noise", "gauss", "uniform"), ("rho", -1.0, ">= 0"), ("sigma", float("nan"), ">= 0"),
     ("ema_decay", 1.0, "(0.0, 1.0)"), ("rho_max", -0.1, ">= 0"), ("mode", "batch", "micro"), ("scope", "node", "rank"),
+    ("scale", "automatic", ">= 0"), ("auto_steps", 0, ">= 1"),
 ])
 def test_config_errors_name_the_field_and_the_allowed_values(field, value, allowed):
     with pytest.raises(ValueError) as err:
@@ -159,6 +160,12 @@ def test_tram_fisher_needs_the_fisher_geometry_and_the_noised_target():
     with pytest.raises(ValueError, match="noised_pass"):
         TRAMConfig(geometry="fisher", target="previous", noised_pass=True)
     TRAMConfig(geometry="fisher", target="noised_input", noised_pass=True)
+
+
+def test_auto_scale_needs_a_target():
+    with pytest.raises(ValueError, match=r"TRAMConfig\.scale='auto' .* needs a target .* got target=None"):
+        TRAMConfig(target=None, scale="auto")
+    assert TRAMConfig(scale="auto").scale == "auto"
 
 
 def test_config_round_trips_and_rejects_unknown_keys():

@@ -22,6 +22,8 @@ METHODS = {
                         radius_at_start=0.1, seed=3),
     "tram_interval": dict(geometry="asam", target="previous", scale=100.0, radius_at_start=0.2, interval=2),
     "tram_ema": dict(geometry="fisher", target="ema", scale=100.0, ema_decay=0.5, divergence="symmetric"),
+    # The baseline radius for 2 steps, then scale = 0.05 / median of their KLs.
+    "tram_auto": dict(geometry="sam", target="noised_input", sigma=0.5, scale="auto", auto_steps=2, seed=5),
 }
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 GEOMETRIES = ("sam", "asam", "fisher")
 TARGETS = (None, "noised_input", "previous", "initial", "ema")
@@ -43,8 +43,14 @@ class TRAMConfig:
     """Fisher geometry's f = 1 + eta_f * g^2."""
     divergence: str = "forward"
     """KL direction: "forward" KL(p_target||p_current), "reverse" KL(p_current||p_target), "symmetric" (their sum / 2)."""
-    scale: float = 1.0
-    """Multiplier on the mean KL before it is used as the radius."""
+    scale: Union[float, str] = 1.0
+    """Multiplier on the mean KL before it is used as the radius. "auto": for the first auto_steps
+    TRAM steps that measure a KL the radius is the geometry's baseline (rho, or the paper's), then
+    the scale is fixed at baseline / median KL of those steps, so that their median radius would
+    have been the baseline; it is global (every rank fixes the same from the step's one
+    all-reduce), saved with TRAM's state and reported as the metric "kl_scale"."""
+    auto_steps: int = 10
+    """Steps scale="auto" calibrates over (TRAM steps with a measured KL: not a snapshot target's first)."""
     rho_max: Optional[float] = None
     """Optional upper clamp of the divergence radius."""
     radius_at_start: float = 0.0
@@ -101,9 +107,15 @@ class TRAMConfig:
         if self.mode == "micro" and self.noised_pass:
             raise ValueError("TRAMConfig.mode='micro' with noised_pass=True (TRAM-Fisher) is not supported; "
                              "use mode='global'")
+        auto = self.scale == "auto"
+        if auto and self.target is None:
+            raise ValueError("TRAMConfig.scale='auto' calibrates the KL's scale: it needs a target "
+                             f"({[t for t in TARGETS if t]}), got target=None")
         for name in ("rho", "eta", "eta_f", "scale", "radius_at_start", "sigma", "eps", "rho_max", "ema_decay",
                      "max_grad_norm"):
             value = getattr(self, name)
+            if name == "scale" and auto:
+                continue
             if value is not None or name not in ("rho", "rho_max", "max_grad_norm"):
                 setattr(self, name, _number(name, value, **_BOUNDS.get(name, {})))
         if not isinstance(self.noised_pass, bool):
@@ -112,6 +124,7 @@ class TRAMConfig:
             raise ValueError("TRAMConfig.noised_pass=True (TRAM-Fisher) needs geometry='fisher' and "
                              f"target='noised_input', got geometry={self.geometry!r}, target={self.target!r}")
         self.interval = _integer("interval", self.interval, low=1)
+        self.auto_steps = _integer("auto_steps", self.auto_steps, low=1)
         self.kl_chunk = _integer("kl_chunk", self.kl_chunk, low=1)
         if not isinstance(self.head_chunks, bool):
             raise ValueError(f"TRAMConfig.head_chunks must be True or False, got {self.head_chunks!r}")

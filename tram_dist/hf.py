@@ -41,7 +41,7 @@ from .forward import IGNORE_INDEX, next_token_mask, returns_model_logits
 from .optimizer import TRAM
 
 # Metrics a TRAM step reports that go into the Trainer's logs, averaged over the logging window.
-LOGGED = ("d", "kl", "grad_norm", "e_norm", "loss_perturbed", "skipped")
+LOGGED = ("d", "kl", "grad_norm", "e_norm", "loss_perturbed", "skipped", "kl_scale")
 
 
 # Every TRAMConfig setting but max_grad_norm: the Trainer's own max_grad_norm clips g'.
@@ -61,9 +61,11 @@ def _tram_fields():
     hints = typing.get_type_hints(TRAMConfig)
     yield "tram", bool, dataclasses.field(default=True, metadata={
         "help": "Take TRAM steps; False trains with the Trainer's own step (the base-optimizer baseline)."})
+    notes = {"target": "; 'none' for None", "scale": "; a number or 'auto'"}
     for f in _FIELDS:
-        yield f"tram_{f.name}", hints[f.name], dataclasses.field(default=f.default, metadata={
-            "help": f"TRAMConfig.{f.name} (docs/settings.md)" + ("; 'none' for None" if f.name == "target" else "")})
+        kind = str if f.name == "scale" else hints[f.name]  # the command line's parser takes no Union
+        yield f"tram_{f.name}", kind, dataclasses.field(default=f.default, metadata={
+            "help": f"TRAMConfig.{f.name} (docs/settings.md)" + notes.get(f.name, "")})
 
 
 def _tram_config(self) -> TRAMConfig:
@@ -71,6 +73,11 @@ def _tram_config(self) -> TRAMConfig:
     values = {f.name: getattr(self, f"tram_{f.name}") for f in _FIELDS}
     if isinstance(values["target"], str) and values["target"].lower() == "none":
         values["target"] = None
+    if isinstance(values["scale"], str) and values["scale"] != "auto":  # "100" from the command line
+        try:
+            values["scale"] = float(values["scale"])
+        except ValueError:
+            pass  # TRAMConfig names it
     return TRAMConfig(**values)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
@@ -70,6 +71,9 @@ class TRAM:
         self._skip = False
         self._warned_zero_e = False
         self.forward_role: Optional[str] = None
+        # scale="auto": the scale once fixed (None while calibrating) and the KLs recorded so far.
+        self.scale: Optional[float] = None if self.config.scale == "auto" else self.config.scale
+        self._auto_kls: list[float] = []
 
     # -- the one-call step ------------------------------------------------------------------
     def step(self, batches: Any, update: bool = True) -> dict[str, float]:
@@ -218,6 +222,8 @@ class TRAM:
         backend.load(rules.ascent(cfg.geometry, th, g, factor, cfg.eta, cfg.eta_f, inv) for th, g in zip(thetas, grads))
         backend.zero_grad()
         count = float(packed[_KL_COUNT])
+        if cfg.target is not None:
+            self._metrics["kl_scale"] = self.scale if self.scale is not None else math.nan
         self._metrics.update({
             "d": r,
             "kl": float(packed[_KL_SUM]) / count if count > 0 else 0.0,
@@ -304,6 +310,7 @@ class TRAM:
             "snapshot": None if self.snapshot is None else self.snapshot.tensors,
             "partial": self._partial.clone(),
             "local_numels": [t.numel() for t in self.backend.local_params()],
+            "scale": self.scale, "auto_kls": list(self._auto_kls),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -317,6 +324,8 @@ class TRAM:
                              f"(checkpoint: {state['config']})")
         self.step_count = state["step_count"]
         self._partial = state["partial"].clone()
+        if self.config.scale == "auto":
+            self.scale, self._auto_kls = state["scale"], list(state["auto_kls"])
         if self.noised is not None:
             self.noised.generator.set_state(state["generator"])
         if self.snapshot is not None and state["snapshot"] is not None:
@@ -403,7 +412,26 @@ class TRAM:
             return cfg.radius_at_start
         if cfg.noised_pass and self.step_count == 0:  # TRAM-Fisher measures its KL one step late
             return cfg.radius_at_start
-        return divergence.radius(float(packed[_KL_SUM]), float(packed[_KL_COUNT]), cfg.scale, cfg.rho_max)
+        if self.scale is None:  # scale="auto", calibrating: the baseline radius; the step's KL recorded
+            self._calibrate(float(packed[_KL_SUM]), float(packed[_KL_COUNT]))
+            return min(cfg.radius, cfg.rho_max) if cfg.rho_max is not None else cfg.radius
+        return divergence.radius(float(packed[_KL_SUM]), float(packed[_KL_COUNT]), self.scale, cfg.rho_max)
+
+    def _calibrate(self, kl_sum: float, count: float) -> None:
+        """Record one step's mean KL; after auto_steps of them fix scale = baseline / their median.
+        The values come from the packed all-reduce, so every rank fixes the same scale."""
+        if count <= 0:
+            return
+        self._auto_kls.append(kl_sum / count)
+        if len(self._auto_kls) < self.config.auto_steps:
+            return
+        median = statistics.median(self._auto_kls)
+        if median > 0:
+            self.scale = self.config.radius / median
+        else:  # the target equals the model everywhere (sigma 0?): nothing to scale; keep calibrating
+            warnings.warn(f"TRAM scale='auto': the median KL of {len(self._auto_kls)} steps is {median}; "
+                          "the radius stays the baseline and calibration starts again", stacklevel=3)
+            self._auto_kls.clear()
 
 
 def _input_embedding(module: nn.Module) -> nn.Module:
