@@ -2,6 +2,7 @@
 
     python bench/experiments.py                         # 8 methods x 5 seeds -> bench/experiments.json + a table
     python bench/experiments.py --seeds 0 --methods adamw,tram_x --train 200    # a quick look
+    python bench/experiments.py --auto --methods tram_x,tram_previous,tram_initial,tram_fisher   # scale="auto"
 
 The task is `make demo`'s (all-MiniLM-L6-v2, first 3 layers, mean pooling, binary sentiment on
 VADER movie sentences; balanced accuracy on held-out movie sentences and on Amazon, NYT and
@@ -125,7 +126,10 @@ def run(method: str, seed: int, args, data: dict, tokenizer, model_dir: str) -> 
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     tram = None
     if METHODS[method] is not None:
-        tram = TRAM(model, optimizer, TRAMConfig(**METHODS[method], seed=seed, max_grad_norm=1.0))
+        settings = dict(METHODS[method])
+        if args.auto and settings.get("target") is not None:  # no hand-set scale: calibrated by TRAM
+            settings.update(scale="auto", auto_steps=args.auto_steps)
+        tram = TRAM(model, optimizer, TRAMConfig(**settings, seed=seed, max_grad_norm=1.0))
     radii, kls, start = [], [], time.time()
     model.train()
     for epoch in range(args.epochs):
@@ -150,13 +154,16 @@ def run(method: str, seed: int, args, data: dict, tokenizer, model_dir: str) -> 
             "ood_mean": statistics.mean(scores[d] for d in OUT_OF_DOMAIN),
             "eps_sharpness": eps_sharpness(model, probe), "train_seconds": seconds,
             "median_radius": statistics.median(radii) if radii else None,
-            "median_kl": statistics.median(kls) if kls else None}
+            "median_kl": statistics.median(kls) if kls else None,
+            "kl_scale": tram.scale if tram is not None and tram.config.target is not None else None,
+            "median_radius_calibration": statistics.median(radii[:args.auto_steps]) if args.auto and radii else None}
 
 
 def summarize(records: list[dict]) -> str:
     cols = [*DOMAINS, "ood_mean", "eps_sharpness"]
-    lines = ["| method | movie (in domain) | amazon | nyt | tweets | OOD mean | eps-sharpness | median d_t | s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | movie (in domain) | amazon | nyt | tweets | OOD mean | eps-sharpness | median d_t "
+             "| KL scale (range) | s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         rs = [r for r in records if r["method"] == method]
         if not rs:
@@ -168,6 +175,8 @@ def summarize(records: list[dict]) -> str:
             cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
         radius = [r["median_radius"] for r in rs if r["median_radius"] is not None]
         cells.append(f"{statistics.mean(radius):.3g}" if radius else "-")
+        scales = [r["kl_scale"] for r in rs if r.get("kl_scale") is not None]
+        cells.append(f"{statistics.mean(scales):.3g} ({min(scales):.3g}-{max(scales):.3g})" if scales else "-")
         cells.append(f"{statistics.mean(r['train_seconds'] for r in rs):.0f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -176,7 +185,7 @@ def summarize(records: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.environ.get("TRAM_DIST_DATA", os.path.join(ROOT, ".data")))
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "experiments.json"))
+    p.add_argument("--out", default=None, help="default: bench/experiments.json (--auto: bench/experiments_auto.json)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--train", type=int, default=1000)  # 32 steps per epoch
@@ -186,10 +195,15 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--auto", action="store_true",
+                   help="TRAM methods with scale='auto' (no hand-set scale); records go to experiments_auto.json")
+    p.add_argument("--auto-steps", type=int, default=10, help="TRAMConfig.auto_steps under --auto")
     p.add_argument("--calibrate", action="store_true",
                    help="TRAM methods with scale 1 and no clamp: the radius is the KL itself (sets the scales)")
     args = p.parse_args()
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
+    if args.out is None:
+        args.out = os.path.join(ROOT, "bench", "experiments_auto.json" if args.auto else "experiments.json")
     if args.calibrate:
         for name, settings in METHODS.items():
             if settings is not None and settings.get("target") is not None:
