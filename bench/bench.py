@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib
 import json
 import os
 import socket
@@ -221,10 +220,7 @@ class PlainSAM:
 def worker(args) -> None:
     import stacks
 
-    if args.backend.startswith("zero"):
-        importlib.import_module("deepspeed.comm.torch")
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # a JIT build training never uses
-    stacks.init_distributed(args.backend)
+    stacks.init_distributed(args.backend)  # ZeRO: skips DeepSpeed's shared-memory JIT build
     torch.set_num_threads(1)
     rank = dist.get_rank()
     comm = CommBytes()

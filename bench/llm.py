@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from allocator import Allocations  # noqa: E402
 from host_reads import HostReads  # noqa: E402
 from launcher import free_port  # noqa: E402
+from stacks import skip_deepspeed_shm_build  # noqa: E402
 
 VOCAB, HIDDEN, SEQ = 151_936, 896, 512
 METHODS = {
@@ -87,10 +88,7 @@ def wrap(stack: str, model):
             fully_shard(layer)
         fully_shard(model)
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5)
-    import importlib
-
-    importlib.import_module("deepspeed.comm.torch")
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # a 100 s JIT build nothing here uses
+    skip_deepspeed_shm_build()
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5), config={

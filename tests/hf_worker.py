@@ -13,7 +13,6 @@ schedule and the same clipping. Each rank writes rank{r}.pt with both final weig
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -152,8 +151,7 @@ def main() -> None:
     args = p.parse_args()
     deepspeed_file = None
     if args.stack.startswith("zero"):
-        importlib.import_module("deepspeed.comm.torch")
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip a ~100 s JIT build
+        stacks.skip_deepspeed_shm_build()
         deepspeed_file = os.path.join(args.out, f"ds_{args.stack}.json")
         if int(os.environ["RANK"]) == 0:
             os.makedirs(args.out, exist_ok=True)

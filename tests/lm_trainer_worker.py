@@ -14,7 +14,6 @@ single-process reference on the unpacked sequences.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -145,8 +144,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--routes", default=",".join(ROUTES))
     args = p.parse_args()
-    importlib.import_module("deepspeed.comm.torch")
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip a ~100 s JIT build
+    stacks.skip_deepspeed_shm_build()
     stacks.init_process_group("gloo")
     results = {name: run_route(name, args.out) for name in args.routes.split(",")}
     torch.save(results, os.path.join(args.out, f"rank{dist.get_rank()}.pt"))

@@ -39,12 +39,17 @@ def init_process_group(backend: str = "gloo") -> None:
                             rank=rank, world_size=world)
 
 
+def skip_deepspeed_shm_build() -> None:
+    """Skip the ~100 s JIT build of a shared-memory op only inference_all_reduce uses (built on a
+    fresh machine at DeepSpeed's first init_distributed); call it before. A plain `import
+    deepspeed.comm.torch as m` would bind the wrong module."""
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
 def init_distributed(stack: str) -> None:
     if stack.startswith("zero"):
-        # Skip the ~100 s JIT build of a shared-memory op only inference_all_reduce uses
-        # (built on a fresh machine at the first init_distributed); a plain `import deepspeed.comm.torch as m` would bind the wrong module.
-        importlib.import_module("deepspeed.comm.torch")
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+        skip_deepspeed_shm_build()
         import deepspeed
 
         init_process_group("gloo")

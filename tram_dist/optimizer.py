@@ -50,8 +50,7 @@ class TRAM:
                  embedding: Optional[nn.Module] = None, group=None, scaler=None):
         self.config = config if config is not None else TRAMConfig()
         self.config.validate()
-        self.backend = make_backend(model, optimizer, group)
-        self.backend.scaler = scaler
+        self.backend = make_backend(model, optimizer, group, scaler)
         self.backend.validate(self.config)
         self.forward_fn = forward_fn or default_forward
         self.noised: Optional[NoisedInput] = None

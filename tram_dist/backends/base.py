@@ -27,11 +27,11 @@ class Backend:
 
     name = "base"
 
-    def __init__(self, model: nn.Module, optimizer, group=None):
+    def __init__(self, model: nn.Module, optimizer, group=None, scaler=None):
         self.model = model
         self.optimizer = optimizer
         self.group = group
-        self.scaler = None  # a torch GradScaler / ShardedGradScaler (fp16), set by TRAM
+        self.scaler = scaler  # a torch GradScaler / ShardedGradScaler (fp16); None under DeepSpeed
         self.world_size = dist.get_world_size(group) if _distributed() else 1
         self.rank = dist.get_rank(group) if _distributed() else 0
         self.norm_weight = 1.0
@@ -250,8 +250,8 @@ class TensorBackend(Backend):
     load writes into those tensors in place and keeps one copy of the local pieces to restore.
     """
 
-    def __init__(self, model: nn.Module, optimizer, group=None):
-        super().__init__(model, optimizer, group)
+    def __init__(self, model: nn.Module, optimizer, group=None, scaler=None):
+        super().__init__(model, optimizer, group, scaler)
         self._saved: Optional[list[Tensor]] = None
         _check_optimizer_tensors(model, optimizer)
 

@@ -15,8 +15,8 @@ class LocalBackend(TensorBackend):
     name = "local"
     supports_rank_scope = True
 
-    def __init__(self, model: nn.Module, optimizer, group=None):
-        super().__init__(model, optimizer, group=None)
+    def __init__(self, model: nn.Module, optimizer, group=None, scaler=None):
+        super().__init__(model, optimizer, None, scaler)
         self.world_size, self.rank = 1, 0
 
 
@@ -30,8 +30,8 @@ class DDPBackend(TensorBackend):
     name = "ddp"
     supports_rank_scope = True
 
-    def __init__(self, model: nn.Module, optimizer, group=None):
-        super().__init__(model, optimizer, group if group is not None else model.process_group)
+    def __init__(self, model: nn.Module, optimizer, group=None, scaler=None):
+        super().__init__(model, optimizer, group if group is not None else model.process_group, scaler)
         self.norm_weight = 1.0 if self.rank == 0 else 0.0
 
     @property
@@ -61,10 +61,10 @@ class FSDP1Backend(TensorBackend):
     name = "fsdp1"
     counts_must_agree = True
 
-    def __init__(self, model: nn.Module, optimizer, group=None):
+    def __init__(self, model: nn.Module, optimizer, group=None, scaler=None):
         from torch.distributed.fsdp import ShardingStrategy
 
-        super().__init__(model, optimizer, group)
+        super().__init__(model, optimizer, group, scaler)
         _check_fsdp1_internals(model)
         strategy = model.sharding_strategy
         if strategy == ShardingStrategy.NO_SHARD:
@@ -107,8 +107,8 @@ class FSDP2Backend(TensorBackend):
     name = "fsdp2"
     counts_must_agree = True
 
-    def __init__(self, model: nn.Module, optimizer, group=None):
-        super().__init__(model, optimizer, group)
+    def __init__(self, model: nn.Module, optimizer, group=None, scaler=None):
+        super().__init__(model, optimizer, group, scaler)
         mesh = _check_placements(model)
         if mesh.ndim == 2:
             self.norm_weight = 1.0 if mesh.get_local_rank(0) == 0 else 0.0
