@@ -131,6 +131,7 @@ BAD_CASES = {
     "ds_max_grad_norm": ("zero2", {"max_grad_norm": 1.0}, (1, 1), False),
     "ds_micro_batch_count": ("zero2", {}, (2, 2), False),
     "ds_optimizer_given": ("zero2", {}, (1, 1), True),
+    "ds_scaler_given": ("zero2", {}, (1, 1), False),
     "fsdp_noised_without_embedding": ("fsdp2", {"target": "noised_input"}, (1, 1), False),
     "ds_fp16": ("zero0", {}, (1, 1), False),
     "rank_scope_on_sharded": ("fsdp2", {"scope": "rank"}, (1, 1), False),
@@ -183,7 +184,8 @@ def bad_input(case: str, rank: int, world: int) -> dict:
     with stacks.CollectiveCounter() as counter:
         try:
             opt = (wrapped.optimizer if give_optimizer else None) if stack.startswith("zero") else optimizer
-            tram = TRAM(wrapped, opt, TRAMConfig(**fields))
+            scaler = torch.amp.GradScaler("cpu") if case == "ds_scaler_given" else None
+            tram = TRAM(wrapped, opt, TRAMConfig(**fields), scaler=scaler)
             tram.step(micro_batches(shard(make_batches(1)[0], rank, world), micro[rank]))
         except ValueError as e:
             error = str(e)

@@ -113,6 +113,7 @@ DIST_CASES = {
     "ds_max_grad_norm": r"TRAMConfig\.max_grad_norm: under DeepSpeed set gradient_clipping in the DeepSpeed config",
     "ds_micro_batch_count": r"tram\.step got 2 micro-batch\(es\) but the DeepSpeed config has gradient_accumulation_steps=1",
     "ds_optimizer_given": r"optimizer: pass None with a DeepSpeed engine",
+    "ds_scaler_given": r"scaler: pass None with a DeepSpeed engine; it scales the loss itself",
     "fsdp_noised_without_embedding": r"needs the model's input-embedding layer",
     "rank_scope_on_sharded": r"TRAMConfig\.scope='rank' needs parameters replicated on every rank \(local, DDP\); the fsdp2 backend",
     "ds_micro_mode": r"TRAMConfig\.mode='micro' is not supported on the zero2 backend",
