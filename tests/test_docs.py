@@ -24,8 +24,6 @@ DOCS = os.path.join(ROOT, "docs")
 DOC_PAGES = sorted(os.path.join(DOCS, f) for f in os.listdir(DOCS) if f.endswith(".md"))
 MARKDOWN = [README] + DOC_PAGES
 README_MAX_LINES = 250
-# Files that live outside this repository; spelled in pieces so this file does not name them.
-OUTSIDE = ("TRAM_SPEC" ".md", "DESIGN_NOTES" ".md", "STYLE" ".md", ".." "/shared")
 SCANNED = ("README.md", "docs", "tram_dist", "tests", "bench", "examples")
 
 FENCE = re.compile(r"^```.*?^```[^\n]*$", flags=re.S | re.M)
@@ -118,12 +116,27 @@ def _scanned_files():
             yield from (os.path.join(folder, f) for f in files if not f.endswith((".pyc", ".pt", ".png")))
 
 
+def _repository_markdown() -> set[str]:
+    names = set()
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        names.update(f for f in files if f.endswith(".md"))
+    return names
+
+
 def test_nothing_names_files_outside_the_repository():
-    found = []
+    """Every markdown file named anywhere is one of the repository's, and no relative path
+    climbs out of it: a user's clone has nothing else."""
+    markdown, found = _repository_markdown(), []
     for path in _scanned_files():
         with open(path, encoding="utf-8", errors="ignore") as f:
-            text = f.read().lower()
-        found += [f"{_rel(path)}: {name}" for name in OUTSIDE if name.lower() in text]
+            text = f.read()
+        found += [f"{_rel(path)}: {m.group(0)}" for m in re.finditer(r"[\w-]+\.md\b", text)
+                  if m.group(0) not in markdown]
+        for m in re.finditer(r"(?<![\w.])(?:\.\./)+[\w.-]+", text):
+            resolved = os.path.normpath(os.path.join(os.path.dirname(path), m.group(0)))
+            if os.path.commonpath([ROOT, resolved]) != ROOT:
+                found.append(f"{_rel(path)}: {m.group(0)}")
     assert not found, found
 
 
