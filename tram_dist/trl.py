@@ -32,9 +32,6 @@ from .versions import require
 
 TRAMSFTConfig = with_tram_fields(SFTConfig, "TRAMSFTConfig", __name__)
 
-# Logits entries per chunk of the logged entropy and accuracy (as TRAMConfig.kl_chunk bounds the KL).
-_STATS_CHUNK = 1 << 22
-
 
 class TRAMSFTTrainer(TRAMTrainer, SFTTrainer):
     """TRL's SFTTrainer whose optimizer step is a TRAM step (module docstring); ``tram_config`` and
@@ -54,15 +51,15 @@ class TRAMSFTTrainer(TRAMTrainer, SFTTrainer):
         if self.tram.forward_role == "target":  # the divergence's target: logits only, no loss, no metrics
             outputs = module(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
             return torch.zeros((), device=outputs.logits.device), outputs.logits
-        return super()._forward(module, inputs)
+        loss, logits, mask = super()._forward(module, inputs)
+        if self.tram.forward_role == "pass1":
+            self._sft_sums.append(_token_stats(logits.detach(), mask, inputs, self.tram.config.kl_chunk))
+        return loss, logits, mask
 
     def _compute_loss(self, module, inputs):
         # The Trainer's compute_loss: the model's own loss and logits in one forward (not SFTTrainer's).
-        loss, outputs = Trainer.compute_loss(self, module, {**inputs, "use_cache": False}, return_outputs=True,
-                                             num_items_in_batch=self._num_items)
-        if self.tram.forward_role == "pass1":
-            self._sft_sums.append(_token_stats(outputs.logits.detach(), inputs))
-        return loss, outputs
+        return Trainer.compute_loss(self, module, {**inputs, "use_cache": False}, return_outputs=True,
+                                    num_items_in_batch=self._num_items)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._sft_sums and "loss" in logs:  # a training log: every rank logs at the same steps
@@ -77,23 +74,21 @@ class TRAMSFTTrainer(TRAMTrainer, SFTTrainer):
         super().log(logs, *args, **kwargs)
 
 
-def _token_stats(logits: torch.Tensor, inputs: dict) -> torch.Tensor:
-    """[entropy sum, top-1 correct, positions counted, tokens] of one micro-batch, on the device: the
-    positions whose next-token label counts, chunk by chunk over positions (never a full-vocabulary
-    float32 copy of the logits)."""
-    labels = inputs["labels"]
-    target = torch.full_like(labels, -100)
-    target[:, :-1] = labels[:, 1:]
-    flat, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
-    rows = max(1, _STATS_CHUNK // logits.shape[-1])
+def _token_stats(logits: torch.Tensor, mask: torch.Tensor, inputs: dict, chunk: int) -> torch.Tensor:
+    """[entropy sum, top-1 correct, positions counted, tokens] of one micro-batch, on the device:
+    over the positions the divergence counts (``mask``: the next token's label counts), at most
+    max(1, chunk // vocabulary) positions at a time, as the divergence takes them (never a
+    full-vocabulary float32 copy of the logits)."""
+    target = inputs["labels"].roll(-1, dims=-1)  # position t predicts token t+1 (the last: masked)
+    flat, target, mask = logits.reshape(-1, logits.shape[-1]), target.reshape(-1), mask.reshape(-1)
+    rows = max(1, chunk // logits.shape[-1])
     sums = torch.zeros(4, dtype=torch.float64, device=logits.device)
     for start in range(0, flat.shape[0], rows):
-        chunk, wanted = flat[start:start + rows], target[start:start + rows]
-        keep = wanted != -100
-        logp = torch.log_softmax(chunk.float(), dim=-1)
+        part, keep = flat[start:start + rows], mask[start:start + rows]
+        logp = torch.log_softmax(part.float(), dim=-1)
         entropy = -(logp.exp() * logp).sum(-1)
         sums[0] += entropy[keep].sum().double()
-        sums[1] += (chunk.argmax(-1) == wanted)[keep].sum()
+        sums[1] += (part.argmax(-1) == target[start:start + rows])[keep].sum()
         sums[2] += keep.sum()
     if "attention_mask" in inputs:
         sums[3] += inputs["attention_mask"].sum()
