@@ -24,7 +24,8 @@ def _logits(model, input_ids, z=None):
     return model.fc2(torch.tanh(model.fc1(h)).mean(dim=1))
 
 
-def _kl_per_example(clean, target, direction):
+def kl_per_prediction(clean, target, direction="forward"):
+    """KL(p_target || p_clean) ("forward"), its reverse or their mean, per prediction (over the last dim)."""
     # float64, as tram_dist takes it: in float32 the KL itself is off by ~1e-5 relative, which a
     # scale of 100 turns into a radius error larger than the tests' tolerance on d.
     lp_c, lp_t = F.log_softmax(clean.double(), -1), F.log_softmax(target.double(), -1)
@@ -146,7 +147,7 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
                 elif noised_pass:  # the KL measured after the previous step's pass 2
                     r = method.get("radius_at_start", 0.0) if lagged_kl is None else scale * lagged_kl
                 elif target == "noised_input":
-                    r = scale * _kl_per_example(clean.detach(), _logits(model, ids[idx], z[idx]), direction).mean().item()
+                    r = scale * kl_per_prediction(clean.detach(), _logits(model, ids[idx], z[idx]), direction).mean().item()
                 elif snapshot is None:  # "previous" at step 0: no history yet
                     r = method.get("radius_at_start", 0.0)
                 else:
@@ -155,7 +156,7 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
                     tgt = _logits(model, ids[idx])
                     for p, th in zip(params, thetas):
                         p.copy_(th)
-                    r = scale * _kl_per_example(clean.detach(), tgt, direction).mean().item()
+                    r = scale * kl_per_prediction(clean.detach(), tgt, direction).mean().item()
                 measured = target is not None and not (noised_pass and lagged_kl is None) and not (
                     target in ("previous",) and snapshot is None)
                 if auto and measured and auto_scale is None:
@@ -173,7 +174,7 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
             loss_perturbed = F.cross_entropy(perturbed_logits, labels[idx])
             (loss_perturbed / len(_groups(method, world, micro))).backward()
             if noised_pass:  # KL(p(x+z; theta) || p(x; theta+e)), used at the next step
-                lagged_kl = _kl_per_example(perturbed_logits.detach(), clean.detach(), direction).mean().item()
+                lagged_kl = kl_per_prediction(perturbed_logits.detach(), clean.detach(), direction).mean().item()
             with torch.no_grad():
                 for p, a_, th in zip(params, acc, thetas):
                     a_.add_(p.grad)

@@ -21,6 +21,7 @@ pytest.importorskip("trl", reason="trl is in the test extra (pip install -e '.[t
 
 from launcher import torchrun  # noqa: E402
 from lm_reference import sam_steps, weights_at  # noqa: E402
+from reference import kl_per_prediction  # noqa: E402
 from lm_trainer_worker import GAS, LR, ROUTES, SETTINGS, STEPS, WORLD, make_model  # noqa: E402
 
 TOL = 1e-6
@@ -37,17 +38,14 @@ def split(micro_batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def token_terms(model, ids, labels, target_logits=None):
-    """(sum of -log p over the predicted tokens, their count, logits) of one sequence: position t
-    predicts token t+1 where label t+1 is not -100. With target_logits: (KL sum in float64, count)."""
+    """(sum of -log p over the predicted tokens, their count) of one sequence: position t predicts
+    token t+1 where label t+1 is not -100. With target_logits: (KL sum in float64, count)."""
     logits = model(input_ids=ids[None]).logits[0, :-1]
     wanted = labels[1:]
     keep = wanted != -100
     if target_logits is not None:
-        lp_c = F.log_softmax(logits.detach().double(), -1)
-        lp_t = F.log_softmax(target_logits.double(), -1)
-        return ((lp_t.exp() * (lp_t - lp_c)).sum(-1)[keep]).sum(), keep.sum()
-    nll = F.cross_entropy(logits[keep], wanted[keep], reduction="sum")
-    return nll, keep.sum(), logits.detach()
+        return kl_per_prediction(logits.detach(), target_logits)[keep].sum(), keep.sum()
+    return F.cross_entropy(logits[keep], wanted[keep], reduction="sum"), keep.sum()
 
 
 def reference(windows, settings: dict, weigh_tokens: bool = True):
@@ -55,14 +53,14 @@ def reference(windows, settings: dict, weigh_tokens: bool = True):
     model = make_model()
     params = list(model.parameters())
 
+    def token_mean(seqs):
+        terms = [token_terms(model, ids, lab) for ids, lab in seqs]
+        return sum(t[0] for t in terms) / sum(t[1] for t in terms)
+
     def objective(window):
         if weigh_tokens:  # one token mean over the whole window
-            terms = [token_terms(model, ids, lab)[:2] for micro in window for ids, lab in micro]
-            return sum(t[0] for t in terms) / sum(t[1] for t in terms)
-        means = []  # each micro-batch's own token mean, the micro-batches weighed equally
-        for micro in window:
-            terms = [token_terms(model, ids, lab)[:2] for ids, lab in micro]
-            means.append(sum(t[0] for t in terms) / sum(t[1] for t in terms))
+            return token_mean([s for micro in window for s in micro])
+        means = [token_mean(micro) for micro in window]  # each micro-batch's own, weighed equally
         return sum(means) / len(means)
 
     def kl_of(window, previous):

@@ -7,22 +7,14 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from launcher import torchrun
 from lm_reference import sam_steps, weights_at
+from reference import kl_per_prediction
 from peft_worker import LR, SETTINGS, global_batches, lora_lm
 
 from tram_dist import TRAM, TRAMConfig
 from tram_dist.forward import causal_lm_forward
-
-
-def _kl_mean(current, target):
-    """Forward KL(p_target || p_current) per next-token position (the last one predicts nothing),
-    in float64, averaged over the batch's positions."""
-    lp_c = F.log_softmax(current[:, :-1].double(), -1)
-    lp_t = F.log_softmax(target[:, :-1].double(), -1)
-    return (lp_t.exp() * (lp_t - lp_c)).sum(-1).mean()
 
 
 def reference(steps_batches):
@@ -36,7 +28,8 @@ def reference(steps_batches):
             current = model(**batch).logits
             with weights_at(params, previous):
                 target = model(**batch).logits
-        return _kl_mean(current, target).item()
+        # forward KL per next-token position (the last predicts nothing), averaged over the batch
+        return kl_per_prediction(current[:, :-1], target[:, :-1]).mean().item()
 
     radii = sam_steps(params, torch.optim.AdamW(params, lr=LR), steps_batches, lambda b: model(**b).loss, kl_of,
                       SETTINGS)
