@@ -21,7 +21,6 @@ import contextlib
 from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .base import Backend
@@ -60,8 +59,6 @@ class DeepSpeedBackend(Backend):
         return self.engine.module
 
     def validate(self, config) -> None:
-        if self.scaler is not None:
-            raise ValueError("scaler: a DeepSpeed engine scales its own loss; pass no scaler")
         if self.engine.fp16_enabled() and self.stage == 0:
             raise ValueError("fp16.enabled: fp16 under DeepSpeed ZeRO stage 0 is not supported (its fused "
                              "FP16_Optimizer keeps its masters in another layout); use ZeRO 1-3, or bf16")
@@ -125,16 +122,10 @@ class DeepSpeedBackend(Backend):
     def is_loaded(self) -> bool:
         return self._loaded
 
-    def save_checkpoint(self, directory: str, tag: str, step: int) -> None:
-        from ..checkpoint import write_latest
-
-        # `latest` is written by TRAM, after every rank's files: DeepSpeed's own would name the tag
-        # before TRAM's state of another rank might be complete.
+    def _save(self, directory: str, tag: str, step: int) -> None:
+        # `latest` is written by TRAM (Backend.save_checkpoint), after every rank's files: DeepSpeed's
+        # own would name the tag before TRAM's state of another rank might be complete.
         self.engine.save_checkpoint(directory, tag=tag, client_state={"tram_step": step}, save_latest=False)
-        if self.world_size > 1:
-            dist.barrier(group=self.group)
-        if self.rank == 0:
-            write_latest(directory, tag)
 
     def load_checkpoint(self, directory: str, tag: str) -> Optional[int]:
         path, client_state = self.engine.load_checkpoint(directory, tag=tag)
@@ -169,9 +160,6 @@ class DeepSpeedBackend(Backend):
 
     def update_may_skip(self) -> bool:
         return self.engine.fp16_enabled()
-
-    def _computes_in_fp16(self) -> bool:
-        return False  # the engine owns its loss scaling
 
     def skip(self) -> None:
         self.zero_grad()
