@@ -95,26 +95,28 @@ class TRAM:
             return self._micro_step(micro, update)
         sync = self.config.scope == "global"  # scope "rank": pass 1 keeps each rank's own gradient
         for i, batch in enumerate(micro):
-            with self.backend.micro_batch(i, n, sync=sync):
-                self.backend.backward(self._first_forward(batch), n)
+            self._pass("pass1", batch, i, n, sync=sync)
         self.ascent_step()
-        perturbed = torch.stack([self._second_pass(batch, i, n) for i, batch in enumerate(micro)]).mean()
+        perturbed = torch.stack([self._pass("pass2", batch, i, n) for i, batch in enumerate(micro)]).mean()
         return self.descent_step(loss_perturbed=perturbed, update=update)
 
-    def _first_forward(self, batch: Any) -> Tensor:
-        """Pass-1 forward of one micro-batch and its observation; returns the loss for the backward.
-        The logits go out of scope here, before the backward (the KL has been taken already)."""
-        with self.first_pass():
-            loss, logits, mask = self._call_forward("pass1", self.backend.forward_module, batch)
-        self.observe(batch, logits, mask, loss)
-        return loss
+    def _pass(self, role: str, batch: Any, index: int, n: int, sync: bool = True,
+              reduce_each: bool = False) -> Tensor:
+        """Forward and backward of micro-batch ``index`` of ``n`` in one pass; returns its loss (on the
+        device). The gradient is that of the loss over n; the backend reduces it with the window's
+        last micro-batch (``reduce_each``: with this one alone).
 
-    def _second_pass(self, batch: Any, index: int, n: int, reduce_each: bool = False) -> Tensor:
-        """Pass 2 on one micro-batch at theta + e; its gradient is scaled by 1/n. Returns the loss (on
-        the device); TRAM-Fisher's KL is taken before the backward, so the logits are gone by then."""
-        with self.backend.micro_batch(0, 1) if reduce_each else self.backend.micro_batch(index, n):
-            loss, logits, mask = self._call_forward("pass2", self.backend.forward_module, batch)
-            self.observe_perturbed(logits, mask)
+        role "pass1": at theta, observed (the target's KL is taken before the backward, so its logits
+        are gone by then); "pass2": at theta + e (TRAM-Fisher's KL, likewise); "plain": at theta,
+        nothing observed (interval > 1)."""
+        with self.backend.micro_batch(*((0, 1) if reduce_each else (index, n)), sync=sync):
+            with self.first_pass() if role == "pass1" else contextlib.nullcontext():
+                loss, logits, mask = self._call_forward("pass2" if role == "pass2" else "pass1",
+                                                        self.backend.forward_module, batch)
+            if role == "pass1":
+                self.observe(batch, logits, mask, loss)
+            elif role == "pass2":
+                self.observe_perturbed(logits, mask)
             del logits
             self.backend.backward(loss, n)
         return loss.detach()
@@ -126,10 +128,9 @@ class TRAM:
         n, perturbed, radii = len(micro), 0.0, []
         for i, batch in enumerate(micro):
             stash = self.backend.stash_grads() if i > 0 else None
-            with self.backend.micro_batch(0, 1, sync=self.config.scope == "global"):
-                self.backend.backward(self._first_forward(batch), 1)
+            self._pass("pass1", batch, 0, 1, sync=self.config.scope == "global")
             radii.append(self.ascent_step())
-            perturbed += self._second_pass(batch, i, n, reduce_each=True) / n
+            perturbed += self._pass("pass2", batch, i, n, reduce_each=True) / n
             self.backend.restore()
             if stash is not None:
                 self.backend.unstash_grads(stash)
@@ -138,12 +139,8 @@ class TRAM:
 
     def _plain_step(self, micro: list, update: bool) -> dict[str, float]:
         """One pass and the base update (interval > 1): no perturbation, no added collective."""
-        n, loss_sum = len(micro), 0.0
-        for i, batch in enumerate(micro):
-            with self.backend.micro_batch(i, n):
-                loss, _, _ = self._call_forward("pass1", self.backend.forward_module, batch)
-                self.backend.backward(loss, n)
-            loss_sum = loss_sum + loss.detach()
+        n = len(micro)
+        loss_sum = sum(self._pass("plain", batch, i, n) for i, batch in enumerate(micro))
         self._metrics = {"tram": 0.0}
         return self._descend(None, update) | {"loss_local": loss_sum / n}
 
