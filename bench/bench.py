@@ -30,7 +30,6 @@ import argparse
 import collections
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from launcher import free_port  # noqa: E402
 
 BACKENDS = ("ddp", "fsdp1", "fsdp2", "zero0", "zero1", "zero2", "zero3")
 TRAM_METHODS = {
@@ -273,11 +273,8 @@ def worker(args) -> None:
 
 
 def launch(backend: str, args) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), os.path.abspath(__file__), "--worker", "--backend", backend,
+           "--master_port", str(free_port()), os.path.abspath(__file__), "--worker", "--backend", backend,
            "--rounds", str(args.rounds), "--tmp", args.tmp]
     env = dict(os.environ, OMP_NUM_THREADS="1", KINETO_LOG_LEVEL="5", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)

@@ -13,7 +13,6 @@ forward and the backward (what TRAM's target forward is). Measured here (DeepSpe
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -22,14 +21,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from allocator import Allocations  # noqa: E402
+from stacks import skip_deepspeed_shm_build  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=2)
     args = p.parse_args()
-    importlib.import_module("deepspeed.comm.torch")
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # a 100 s JIT build nothing here uses
+    skip_deepspeed_shm_build()
     import deepspeed
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
