@@ -3,6 +3,9 @@
     python bench/experiments.py                         # 8 methods x 5 seeds -> bench/experiments.json + a table
     python bench/experiments.py --seeds 0 --methods adamw,tram_x --train 200    # a quick look
     python bench/experiments.py --auto --methods tram_x,tram_previous,tram_initial,tram_fisher   # scale="auto"
+    python bench/experiments.py --auto --auto-steps 32 --layers 6 --train 2000 --epochs 3 \
+        --methods adamw,sam,asam,tram_x,tram_initial --out bench/experiments_long.json        # the longer regime
+    python bench/experiments.py --table --auto --out bench/experiments_auto.json   # a saved sweep's table
 
 The task is `make demo`'s (all-MiniLM-L6-v2, first 3 layers, mean pooling, binary sentiment on
 VADER movie sentences; balanced accuracy on held-out movie sentences and on Amazon, NYT and
@@ -29,6 +32,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -159,11 +163,15 @@ def run(method: str, seed: int, args, data: dict, tokenizer, model_dir: str) -> 
             "median_radius_calibration": statistics.median(radii[:args.auto_steps]) if args.auto and radii else None}
 
 
-def summarize(records: list[dict]) -> str:
+def summarize(records: list[dict], baselines: Optional[list[dict]] = None) -> str:
+    """Mean +- SD over seeds per method, and the OOD mean's paired difference to AdamW and to SAM of
+    the same seed (mean, and seeds above in brackets), from ``records`` or, for a method missing
+    there, from ``baselines`` (the hand-set sweep, for the auto-scale runs)."""
     cols = [*DOMAINS, "ood_mean", "eps_sharpness"]
-    lines = ["| method | movie (in domain) | amazon | nyt | tweets | OOD mean | eps-sharpness | median d_t "
-             "| KL scale (range) | s/run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    ood = {(r["method"], r["seed"]): r["ood_mean"] for r in (baselines or []) + records}
+    lines = ["| method | movie (in domain) | amazon | nyt | tweets | OOD mean | eps-sharpness | OOD - AdamW "
+             "| OOD - SAM | median d_t | KL scale (range) | s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         rs = [r for r in records if r["method"] == method]
         if not rs:
@@ -173,6 +181,10 @@ def summarize(records: list[dict]) -> str:
             values = [r["balanced_accuracy"][c] if c in DOMAINS else r[c] for r in rs]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
+        for base in ("adamw", "sam"):
+            diffs = [r["ood_mean"] - ood[base, r["seed"]] for r in rs if (base, r["seed"]) in ood]
+            cells.append("-" if method == base or not diffs else
+                         f"{statistics.mean(diffs):+.3f} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
         radius = [r["median_radius"] for r in rs if r["median_radius"] is not None]
         cells.append(f"{statistics.mean(radius):.3g}" if radius else "-")
         scales = [r["kl_scale"] for r in rs if r.get("kl_scale") is not None]
@@ -198,12 +210,22 @@ def main() -> None:
     p.add_argument("--auto", action="store_true",
                    help="TRAM methods with scale='auto' (no hand-set scale); records go to experiments_auto.json")
     p.add_argument("--auto-steps", type=int, default=10, help="TRAMConfig.auto_steps under --auto")
+    p.add_argument("--table", action="store_true",
+                   help="print the table of the records in --out (paired with --baselines) and run nothing")
+    p.add_argument("--baselines", default=None,
+                   help="records whose AdamW and SAM runs pair with --out's where it has none (default for "
+                        "--auto: bench/experiments.json, the hand-set sweep of the same regime)")
     p.add_argument("--calibrate", action="store_true",
                    help="TRAM methods with scale 1 and no clamp: the radius is the KL itself (sets the scales)")
     args = p.parse_args()
     methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     if args.out is None:
         args.out = os.path.join(ROOT, "bench", "experiments_auto.json" if args.auto else "experiments.json")
+    if args.table:
+        with open(args.out) as f:
+            saved = json.load(f)
+        print(summarize(saved["records"], _baselines(args, saved["settings"])))
+        return
     if args.calibrate:
         for name, settings in METHODS.items():
             if settings is not None and settings.get("target") is not None:
@@ -238,7 +260,20 @@ def main() -> None:
                 json.dump({"settings": {k: v for k, v in vars(args).items() if k not in ("methods", "seeds")},
                            "command": " ".join(["python", *sys.argv]), "methods": METHODS, "records": records},
                           f, indent=1)
-    print(summarize(records))
+    print(summarize(records, _baselines(args, vars(args))))
+
+
+def _baselines(args, settings: dict) -> Optional[list[dict]]:
+    """The hand-set sweep's records, where they come from the same regime (``settings``) as this run's."""
+    path = args.baselines or (os.path.join(ROOT, "bench", "experiments.json") if args.auto else None)
+    if path is None or not os.path.exists(path) or os.path.abspath(path) == os.path.abspath(args.out):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    regime = ("train", "eval", "epochs", "batch", "lr", "layers", "max_length")
+    if any(saved["settings"].get(k) != settings.get(k) for k in regime):
+        return None  # another regime: its AdamW and SAM do not pair with these runs
+    return saved["records"]
 
 
 if __name__ == "__main__":

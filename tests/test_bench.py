@@ -1,4 +1,5 @@
-"""bench/: the counted parts of `make bench` on DDP (2 ranks), and bench/gpu_check.sh's shape.
+"""bench/: the counted parts of `make bench` on DDP (2 ranks), bench/gpu_check.sh's shape, and the
+experiments' paired differences.
 
 Step-time ratios are measured by `make bench` and quoted in docs/results.md; no test asserts a time. What
 is asserted here is counted: TRAM adds exactly one all-reduce (56 bytes) to two plain passes,
@@ -48,3 +49,23 @@ def test_gpu_check_script():
     proc = subprocess.run([bash, os.path.join(ROOT, "bench", "gpu_check.sh")], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES=""))
     assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr  # this machine has none: a clear refusal
+
+
+def test_experiment_table_pairs_by_seed():
+    """The experiments' table: each method's OOD mean minus AdamW's and SAM's of the same seed, with
+    the seeds above; AdamW and SAM from the hand-set sweep where the records have none."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from experiments import summarize
+
+    def record(method, seed, ood):
+        return {"method": method, "seed": seed, "ood_mean": ood, "eps_sharpness": 1.0, "train_seconds": 1.0,
+                "balanced_accuracy": dict.fromkeys(("movie", "amazon", "nyt", "tweets"), ood),
+                "median_radius": None, "kl_scale": None}
+
+    baselines = [record("adamw", 0, 0.60), record("adamw", 1, 0.70), record("sam", 0, 0.50), record("sam", 1, 0.80)]
+    rows = summarize([record("tram_x", 0, 0.65), record("tram_x", 1, 0.66)], baselines).splitlines()
+    cells = [c.strip() for c in rows[-1].split("|")]
+    assert cells[1] == "tram_x"
+    assert cells[8:10] == ["+0.005 (1/2)", "+0.005 (1/2)"]  # (0.05 - 0.04) / 2 and (0.15 - 0.14) / 2
+    own = summarize([record("adamw", 0, 0.55), record("tram_x", 0, 0.65)], baselines).splitlines()
+    assert [c.strip() for c in own[-1].split("|")][8] == "+0.100 (1/1)"  # the records' own AdamW first
