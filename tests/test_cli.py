@@ -148,7 +148,7 @@ def test_finetune_lora_causal_lm_one_process(tmp_path):
     lora = "lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj], lora_dropout: 0.0}"
     tram = "tram={geometry: sam, target: previous, scale: 30.0, rho_max: 0.5, radius_at_start: 0.05}"
     cmd = [sys.executable, "-m", "tram_dist", "finetune", config, lora, tram, "deepspeed=null", "training.max_steps=2",
-           "training.save_strategy='no'", "training.output_dir=run_lora", "data.eval={}"]
+           "training.save_strategy=no", "training.output_dir=run_lora", "data.eval={}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -158,6 +158,21 @@ def test_finetune_lora_causal_lm_one_process(tmp_path):
     adapters = load_file(str(tmp_path / "run_lora" / "adapter_model.safetensors"))  # the adapters alone
     assert adapters and all("lora_" in k for k in adapters)
     assert max(float(v.abs().max()) for k, v in adapters.items() if "lora_B" in k) > 0  # B trained from zero
+
+
+def test_yaml_no_is_the_no_strategy(tmp_path):
+    """YAML 1.1 reads `no` as false: `save_strategy: no` (file or override) means the "no" strategy."""
+    from tram_dist.cli import load_config
+
+    (tmp_path / "model").mkdir()
+    config = write_config(tmp_path, str(tmp_path / "model"))
+    with open(config) as f:
+        text = f.read()
+    assert "save_strategy: steps" in text
+    with open(config, "w") as f:
+        f.write(text.replace("save_strategy: steps", "save_strategy: no"))
+    assert load_config(config)["training"]["save_strategy"] == "no"
+    assert load_config(config, ["training.eval_strategy=no"])["training"]["eval_strategy"] == "no"
 
 
 @pytest.mark.parametrize("override,message", [

@@ -47,6 +47,10 @@ def load_config(path: str, overrides: list[str] = ()) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a mapping in the config")
         node[key.split(".")[-1]] = yaml.safe_load(value)
+    training = cfg.get("training")
+    for key, value in (training.items() if isinstance(training, dict) else ()):
+        if key.endswith("_strategy") and value is False:  # YAML 1.1 reads `save_strategy: no` as false
+            training[key] = "no"
     validate(cfg, os.path.dirname(os.path.abspath(path)))
     return cfg
 
