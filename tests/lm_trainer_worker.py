@@ -136,7 +136,7 @@ def run_route(name: str, out: str) -> dict:
     dist.all_gather_object(seen, trainer.seen)
     return {"weights": stacks.full_state(stack, trainer.model_wrapped), "micro_batches": seen, "forwards": trainer.forwards,
             "logs": trainer.state.log_history, "backend": trainer.tram.backend.name,
-            "checkpointing": trainer.accelerator.unwrap_model(trainer.model).is_gradient_checkpointing}
+            "checkpointing": trainer.accelerator.unwrap_model(trainer.model).is_activation_checkpointing}
 
 
 def main() -> None:
