@@ -2,8 +2,9 @@
 
     python bench/experiments.py                         # 8 methods x 5 seeds -> bench/experiments.json + a table
     python bench/experiments.py --seeds 0 --methods adamw,tram_x --train 200    # a quick look
-    python bench/experiments.py --auto --methods tram_x,tram_previous,tram_initial,tram_fisher   # scale="auto"
-    python bench/experiments.py --auto --auto-steps 32 --layers 6 --train 2000 --epochs 3 \
+    python bench/experiments.py --auto --methods tram_x,tram_previous,tram_initial,tram_fisher \
+        --out bench/experiments_auto_k32.json          # scale="auto" (auto_steps 32, TRAMConfig's default)
+    python bench/experiments.py --auto --layers 6 --train 2000 --epochs 3 \
         --methods adamw,sam,asam,tram_x,tram_initial --out bench/experiments_long.json        # the longer regime
     python bench/experiments.py --table --auto --out bench/experiments_auto.json   # a saved sweep's table
 
@@ -58,6 +59,8 @@ METHODS = {
     "tram_fisher": dict(geometry="fisher", target="noised_input", noised_pass=True, sigma=0.1, eta_f=0.1,
                         scale=3.0, rho_max=1.0),
 }
+# The settings that make a regime: records of the same regime pair by seed.
+REGIME = ("train", "eval", "epochs", "batch", "lr", "layers", "max_length")
 
 
 def load_rows(path: str) -> list[dict]:
@@ -209,7 +212,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--auto", action="store_true",
                    help="TRAM methods with scale='auto' (no hand-set scale); records go to experiments_auto.json")
-    p.add_argument("--auto-steps", type=int, default=10, help="TRAMConfig.auto_steps under --auto")
+    p.add_argument("--auto-steps", type=int, default=TRAMConfig.auto_steps, help="TRAMConfig.auto_steps under --auto")
     p.add_argument("--table", action="store_true",
                    help="print the table of the records in --out (paired with --baselines) and run nothing")
     p.add_argument("--baselines", default=None,
@@ -242,11 +245,15 @@ def main() -> None:
     data = write_splits(read_corpora(find_sdist(args.data)), os.path.join(os.path.dirname(args.out), "experiment_data"),
                         args.train, args.eval)
     records = []
-    if os.path.exists(args.out):  # resume an interrupted sweep: keep what matches these settings
+    if os.path.exists(args.out):  # resume a sweep of the same runs (the data and records may have moved)
         with open(args.out) as f:
             saved = json.load(f)
-        if saved.get("settings") == {k: v for k, v in vars(args).items() if k not in ("methods", "seeds")}:
-            records = saved["records"]
+        keys = (*REGIME, "calibrate", "auto") + (("auto_steps",) if args.auto else ())
+        differ = {k: (saved["settings"].get(k, False), getattr(args, k)) for k in keys
+                  if saved["settings"].get(k, False) != getattr(args, k)}
+        if differ:
+            p.error(f"--out {args.out} holds runs with other settings (saved, asked: {differ}); pass another --out")
+        records = saved["records"]
     done = {(r["method"], r["seed"]) for r in records}
     for seed in seeds:
         for method in methods:
@@ -270,8 +277,7 @@ def _baselines(args, settings: dict) -> Optional[list[dict]]:
         return None
     with open(path) as f:
         saved = json.load(f)
-    regime = ("train", "eval", "epochs", "batch", "lr", "layers", "max_length")
-    if any(saved["settings"].get(k) != settings.get(k) for k in regime):
+    if any(saved["settings"].get(k) != settings.get(k) for k in REGIME):
         return None  # another regime: its AdamW and SAM do not pair with these runs
     return saved["records"]
 

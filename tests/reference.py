@@ -162,7 +162,7 @@ def reference_run(method: dict, steps: int, world: int = 2, micro: int = 1, opti
                 if auto and measured and auto_scale is None:
                     auto_kls.append(r)  # the mean KL (scale is 1 under "auto")
                     r = baseline
-                    if len(auto_kls) == method.get("auto_steps", 10):
+                    if len(auto_kls) == method.get("auto_steps", 32):
                         auto_scale = baseline / statistics.median(auto_kls)
                 elif auto and measured:
                     r = auto_scale * r

@@ -49,8 +49,12 @@ class TRAMConfig:
     the scale is fixed at baseline / median KL of those steps, so that their median radius would
     have been the baseline; it is global (every rank fixes the same from the step's one
     all-reduce), saved with TRAM's state and reported as the metric "kl_scale"."""
-    auto_steps: int = 10
-    """Steps scale="auto" calibrates over (TRAM steps with a measured KL: not a snapshot target's first)."""
+    auto_steps: int = 32
+    """Steps scale="auto" calibrates over (TRAM steps with a measured KL: not a snapshot target's first).
+    They should span the learning-rate warm-up and the early rise of the KL: fixed over the first 10
+    of 64 steps (6 of them warm-up) the scale of the noised-input, initial-model and TRAM-Fisher
+    targets came out 2-170x too large and their out-of-domain accuracy 0.02-0.06 lower; over 32,
+    within one seed SD of a hand-set scale or better (docs/results.md)."""
     rho_max: Optional[float] = None
     """Optional upper clamp of the divergence radius."""
     radius_at_start: float = 0.0
