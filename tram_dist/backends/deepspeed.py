@@ -44,9 +44,7 @@ class DeepSpeedBackend(Backend):
         self.name = f"zero{self.stage}"
         self._loaded = False
 
-    @property
-    def forward_module(self) -> nn.Module:
-        return self.engine
+    # forward_module is the engine (self.model): its forward and backward run the accumulation.
 
     @property
     def target_module(self) -> nn.Module:
