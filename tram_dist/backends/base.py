@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 
 class Backend(abc.ABC):
-    """A sharding stack as TRAM sees it, in five groups: the modules each forward calls, this
-    rank's pieces of theta and g, the passes, the update, and the lifecycle (validation and
-    checkpoints); then the capabilities, as class attributes. Torch-native stacks share
+    """A sharding stack as TRAM sees it: its capabilities (class attributes), then its methods in
+    five groups: the modules each forward calls, this rank's pieces of theta and g, the passes,
+    the update, and the lifecycle (validation and checkpoints). Torch-native stacks share
     TensorBackend's implementations; DeepSpeed drives its engine (backends/deepspeed.py).
 
     norm_weight is 1.0 where this rank's local partial sums count toward the global norm and
