@@ -6,7 +6,7 @@
         --out bench/experiments_auto_k32.json          # scale="auto" (auto_steps 32, TRAMConfig's default)
     python bench/experiments.py --auto --layers 6 --train 2000 --epochs 3 \
         --methods adamw,sam,asam,tram_x,tram_initial --out bench/experiments_long.json        # the longer regime
-    python bench/experiments.py --table --auto --out bench/experiments_auto.json   # a saved sweep's table
+    python bench/experiments.py --table --out bench/experiments_auto.json   # a saved sweep's table
 
 The task is `make demo`'s (all-MiniLM-L6-v2, first 3 layers, mean pooling, binary sentiment on
 VADER movie sentences; balanced accuracy on held-out movie sentences and on Amazon, NYT and
@@ -249,8 +249,7 @@ def main() -> None:
         with open(args.out) as f:
             saved = json.load(f)
         keys = (*REGIME, "calibrate", "auto") + (("auto_steps",) if args.auto else ())
-        differ = {k: (saved["settings"].get(k, False), getattr(args, k)) for k in keys
-                  if saved["settings"].get(k, False) != getattr(args, k)}
+        differ = _differ(saved["settings"], vars(args), keys)
         if differ:
             p.error(f"--out {args.out} holds runs with other settings (saved, asked: {differ}); pass another --out")
         records = saved["records"]
@@ -270,14 +269,20 @@ def main() -> None:
     print(summarize(records, _baselines(args, vars(args))))
 
 
+def _differ(saved: dict, asked: dict, keys) -> dict:
+    """The settings among ``keys`` whose saved and asked values differ (a missing flag is False)."""
+    return {k: (saved.get(k, False), asked.get(k, False)) for k in keys if saved.get(k, False) != asked.get(k, False)}
+
+
 def _baselines(args, settings: dict) -> Optional[list[dict]]:
-    """The hand-set sweep's records, where they come from the same regime (``settings``) as this run's."""
-    path = args.baselines or (os.path.join(ROOT, "bench", "experiments.json") if args.auto else None)
+    """The hand-set sweep's records, where they come from the same regime as ``settings`` (a run's)."""
+    auto = settings.get("auto", False)
+    path = args.baselines or (os.path.join(ROOT, "bench", "experiments.json") if auto else None)
     if path is None or not os.path.exists(path) or os.path.abspath(path) == os.path.abspath(args.out):
         return None
     with open(path) as f:
         saved = json.load(f)
-    if any(saved["settings"].get(k) != settings.get(k) for k in REGIME):
+    if _differ(saved["settings"], settings, REGIME):
         return None  # another regime: its AdamW and SAM do not pair with these runs
     return saved["records"]
 
