@@ -59,6 +59,45 @@ def test_zero_gradient_is_guarded():
     assert torch.equal(es[0], torch.zeros(3))
 
 
+@pytest.mark.parametrize("geometry", ["sam", "asam", "fisher"])
+def test_blocked_sums_and_ascent_equal_the_whole_piece_in_float64(monkeypatch, geometry):
+    """Pieces of several blocks (and a tail that is no whole row) give the float64 sums of the whole
+    piece, and theta + e written in place into theta itself, or into a bf16 target, is the float64
+    value (rounded once to bf16)."""
+    monkeypatch.setattr(rules, "CPU_BLOCK", 2 * rules._ROW)
+    g = torch.Generator().manual_seed(0)
+    n = 7 * rules._ROW + 123  # 3.5 blocks, then a partial row
+    thetas = [torch.randn(n, generator=g), torch.randn(40, 50, generator=g)]
+    grads = [torch.randn(n, generator=g), torch.randn(40, 50, generator=g)]
+    eta, eta_f, r = 0.01, 0.3, 0.2
+    sums = rules.local_sums(geometry, thetas, grads, eta, eta_f)
+    th64, g64 = [t.double().flatten() for t in thetas], [x.double().flatten() for x in grads]
+    th, gr = torch.cat(th64), torch.cat(g64)
+    if geometry == "sam":
+        u, n_sum = gr, (gr ** 2).sum()
+    elif geometry == "asam":
+        t = th.abs() + eta
+        u, n_sum = t * t * gr, ((t * gr) ** 2).sum()
+    else:
+        f = 1 + eta_f * gr ** 2
+        u, n_sum = gr / f, (gr ** 2 / f).sum()
+    want = torch.stack((n_sum, (gr ** 2).sum(), (u ** 2).sum()))
+    assert torch.allclose(sums, want, rtol=1e-6, atol=0)
+    factor = rules.scale_factor(r, float(sums[rules.NORMALISER]), 1e-12)
+    new64 = th + factor * u
+    in_place = [t.clone() for t in thetas]
+    for piece, grad in zip(in_place, grads):
+        assert rules.ascent(geometry, piece, grad, factor, eta, eta_f, out=piece) is piece
+    assert torch.allclose(torch.cat([t.double().flatten() for t in in_place]), new64, rtol=0, atol=1e-6)
+    bf16 = [torch.zeros(t.numel(), dtype=torch.bfloat16) for t in thetas]
+    for piece, grad, out in zip(thetas, grads, bf16):
+        rules.ascent(geometry, piece, grad, factor, eta, eta_f, out=out)
+    assert torch.equal(torch.cat(bf16), torch.cat([v.flatten() for v in in_place]).bfloat16())
+    transposed = thetas[1].t()  # not contiguous: one whole block
+    out = rules.ascent(geometry, transposed, grads[1].t(), factor, eta, eta_f)
+    assert torch.allclose(out.t().double().flatten(), new64[n:], rtol=0, atol=1e-6)
+
+
 def test_kl_of_known_distributions():
     # p_current = (1/2, 1/2), p_target = (3/4, 1/4)
     cur = torch.log(torch.tensor([[0.5, 0.5]]))

@@ -215,7 +215,7 @@ class TRAM:
             return math.nan
         r = self._radius(packed)
         factor = rules.scale_factor(r, float(packed[rules.NORMALISER]), cfg.eps)
-        backend.load(rules.ascent(cfg.geometry, th, g, factor, cfg.eta, cfg.eta_f, inv) for th, g in zip(thetas, grads))
+        backend.write(lambda i, out: rules.ascent(cfg.geometry, thetas[i], grads[i], factor, cfg.eta, cfg.eta_f, inv, out))
         backend.zero_grad()
         count = float(packed[_KL_COUNT])
         if cfg.target is not None:

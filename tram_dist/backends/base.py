@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import os
-from typing import Iterable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -79,10 +79,17 @@ class Backend(abc.ABC):
         """The reduced gradient on the same pieces; None where a piece has none."""
 
     @abc.abstractmethod
-    def load(self, values: Iterable[Tensor]) -> None:
-        """Write one value per local piece into the tensors the next forward uses.
+    def write(self, fill: Callable[[int, Tensor], object]) -> None:
+        """Give every local piece a new value in the tensors the next forward uses: fill(i, target)
+        writes piece i's value into target, which may be local_params()[i] itself (fill reads each
+        entry before writing it). The first write after theta keeps what restore needs (at most
+        one shard-sized copy)."""
 
-        The first load after theta keeps what restore needs (at most one shard-sized copy)."""
+    def load(self, values: Sequence[Tensor]) -> None:
+        """Write one given value per local piece (a snapshot target), as ``write`` does."""
+        if len(values) != len(self.local_params()):
+            raise ValueError(f"load: {len(values)} values for {len(self.local_params())} local pieces")
+        self.write(lambda i, target: target.copy_(values[i]))
 
     @abc.abstractmethod
     def restore(self) -> None:
@@ -203,7 +210,7 @@ class TensorBackend(Backend):
     """Stacks whose forward reads the very tensors that hold theta (local, DDP, FSDP1, FSDP2), with
     torch's optimizer, clipping, loss scaler and torch.distributed.checkpoint.
 
-    load writes into those tensors in place and keeps one copy of the local pieces to restore.
+    write fills those tensors in place and keeps one copy of the local pieces to restore.
     """
 
     def __init__(self, model: nn.Module, optimizer, group=None, scaler=None):
@@ -234,16 +241,12 @@ class TensorBackend(Backend):
         return [None if p.grad is None else self._local(p.grad) for p in self._params()]
 
     @torch.no_grad()
-    def load(self, values: Iterable[Tensor]) -> None:
+    def write(self, fill: Callable[[int, Tensor], object]) -> None:
         pieces = self.local_params()
-        keep = self._saved is None
-        saved = []
-        for piece, value in zip(pieces, values, strict=True):
-            if keep:
-                saved.append(piece.clone())
-            piece.copy_(value)
-        if keep:
-            self._saved = saved
+        if self._saved is None:
+            self._saved = [piece.clone() for piece in pieces]
+        for i, piece in enumerate(pieces):
+            fill(i, piece)
 
     @torch.no_grad()
     def restore(self) -> None:

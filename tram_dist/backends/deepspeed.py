@@ -18,7 +18,7 @@ write targets from the masters; engine.step() does the same after every applied 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -101,9 +101,9 @@ class DeepSpeedBackend(Backend):
         return [g for _, g, _ in self._pieces(grads=True)]
 
     @torch.no_grad()
-    def load(self, values: Iterable[Tensor]) -> None:
-        for (_, _, target), value in zip(self._pieces(), values, strict=True):
-            target.copy_(value)
+    def write(self, fill: Callable[[int, Tensor], object]) -> None:
+        for i, (_, _, target) in enumerate(self._pieces()):
+            fill(i, target)
         self._sync()
         self._loaded = True
 
@@ -187,10 +187,10 @@ class Zero0Backend(DeepSpeedBackend):
                 for p, s in zip(self._params, self._saved or [None] * len(self._params))]
 
     @torch.no_grad()
-    def load(self, values: Iterable[Tensor]) -> None:
+    def write(self, fill: Callable[[int, Tensor], object]) -> None:
         if self._pairs is None and self._saved is None:
             self._saved = [p.detach().clone() for p in self._params]
-        super().load(values)
+        super().write(fill)
 
     @torch.no_grad()
     def restore(self) -> None:
