@@ -1,12 +1,13 @@
 """`make bench-llm`: a TRAM step at a real LLM's vocabulary and width, memory first.
 
     python bench/llm.py                        # ZeRO-3 and FSDP2, 2 layers; table, bench/llm_results.json
-    python bench/llm.py --layers 24 --stacks zero3 --rounds 1   # full depth (0.49B): not on 24 GiB
+    python bench/llm.py --layers 24 --stacks zero3 --rounds 1 --dtype bf16   # full depth (0.49B), 29 min here
 
 At full depth two fp32 ranks on one 24 GiB machine are OOM-killed in the first AdamW step (12 GB
 resident per rank: each builds the whole model before ZeRO-3 partitions it, and
 deepspeed.zero.Init, which would not, fails on torch 2.13 with DeepSpeed 0.19.8: a signature
-mismatch in its Tensor.__new__ patch). Run it where each rank has about 16 GB.
+mismatch in its Tensor.__new__ patch); in bf16 (DeepSpeed's bf16, fp32 masters) a rank holds
+10-11.6 GB and the run fits. In fp32, run it where each rank has about 16 GB.
 
 The model is a causal LM built from a config with Qwen2.5-0.5B's shape (vocabulary 151,936,
 hidden 896, 14 heads, 2 KV heads, intermediate 4,864, tied embeddings), random weights, nothing
@@ -17,7 +18,9 @@ L = 1 x 512 x 151,936 x 4 bytes = 311 MB, more than the 2 layers' weights.
 Each (stack, method) runs in its own 2-rank torchrun job, so that its peak memory is its own:
 two AdamW steps first (gradients and AdamW's state then exist, as in any run past its first
 step), whose peak RSS (ru_maxrss; on a GPU also the allocator's peak) is AdamW's peak; then
-rounds of [a step of the method, an AdamW step] side by side, each timed; then, untimed, an
+rounds of [a step of the method, an AdamW step] side by side, each timed (an AdamW step right
+after the first is still slower by up to 1.9x here: a round that starts with AdamW gave ratios
+down to 1.2); then, untimed, an
 AdamW step and a method step under the CPU allocator's view (tests/allocator.py: the profiler's
 memory events, exact where RSS moves by 0.2 L from run to run; the profiler slows a step by
 about 40%, so no timed round runs under it). Per rank it reports
@@ -32,8 +35,8 @@ allocator's extra less the theta copy alone. In that view the all-gathers of ZeR
 write in place, as NCCL's do: gloo's all_gather_into_tensor gathers into a temporary of the
 output's size and copies it over, so on gloo each gather of a parameter costs twice its size for
 a moment (a gather of the 545 MB tied embedding on top of pass 1's activations was TRAM-previous's
-whole +0.62 L on ZeRO-3); --gloo-all-gather keeps gloo's there too. About 16 minutes here (8 jobs
-of about 2 minutes).
+whole +0.62 L on ZeRO-3); --gloo-all-gather keeps gloo's there too. The workers run with
+glibc's malloc on transparent huge pages (MALLOC_TUNABLES below).
 """
 from __future__ import annotations
 
@@ -67,19 +70,30 @@ METHODS = {
 }
 STACKS = ("zero3", "fsdp2")
 L_BYTES = SEQ * VOCAB * 4
+# glibc maps every allocation over 32 MB afresh and returns it on free, so each step pays the
+# kernel's page faults for every large tensor again (measured here: 0.6-1.0 million faults in a
+# forward and backward, 30-50% of a step's time, in kernel time that varies from run to run).
+# Transparent huge pages for malloc's memory cut that to a few thousand faults; a GPU's caching
+# allocator has no such cost. Set GLIBC_TUNABLES yourself to measure otherwise.
+MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
-def build_model(layers: int):
+def build_model(layers: int, dtype: torch.dtype = torch.float32):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=14, num_key_value_heads=2,
                          intermediate_size=4864, num_hidden_layers=layers, tie_word_embeddings=True,
                          max_position_embeddings=SEQ, attention_dropout=0.0)
-    return Qwen2ForCausalLM(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no full fp32 copy first
+    try:
+        return Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
 
 
-def wrap(stack: str, model):
+def wrap(stack: str, model, bf16: bool = False):
     """(what TRAM wraps, base optimizer or None)."""
     if stack == "fsdp2":
         from torch.distributed.fsdp import fully_shard
@@ -93,7 +107,7 @@ def wrap(stack: str, model):
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5), config={
         "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True})
+        "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True, "bf16": {"enabled": bf16}})
     return engine, None
 
 
@@ -158,8 +172,9 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    model = build_model(args.layers)
-    wrapped, optimizer = wrap(args.stack, model)
+    bf16 = args.dtype == "bf16"
+    model = build_model(args.layers, torch.bfloat16 if bf16 else torch.float32)
+    wrapped, optimizer = wrap(args.stack, model, bf16)
     g = torch.Generator().manual_seed(100 + rank)
     ids = torch.randint(0, VOCAB, (1, SEQ), generator=g)
     batch = dict(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids))
@@ -194,7 +209,7 @@ def worker(args) -> None:
         tram.step(batch)
     allocated = mem.peaks()
     result = {
-        "rank": rank, "stack": args.stack, "method": args.method, "layers": args.layers,
+        "rank": rank, "stack": args.stack, "method": args.method, "layers": args.layers, "dtype": args.dtype,
         "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
         "peak_rss_bytes": peak_rss, "adamw_rss_bytes": adamw_rss,
         "base_step_s": base_times, "step_s": times, "host_reads_per_step": read_counts,
@@ -219,16 +234,20 @@ def weight_copy_bytes(stack: str, wrapped) -> int:
 
 
 def launch(stack: str, method: str, args) -> list[dict]:
-    out = os.path.join(args.tmp, f"{stack}_{method}_{args.layers}")
+    out = os.path.join(args.tmp, f"{stack}_{method}_{args.layers}_{args.dtype}")
     os.makedirs(out, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), os.path.abspath(__file__), "--worker", "--stack", stack,
-           "--method", method, "--layers", str(args.layers), "--rounds", str(args.rounds), "--out", out]
+           "--method", method, "--layers", str(args.layers), "--rounds", str(args.rounds), "--out", out,
+           "--dtype", args.dtype]
     cmd += ["--gloo-all-gather"] if args.gloo_all_gather else []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{stack} {method} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    print(f"{stack} {method}: {time.perf_counter() - start:.0f} s", flush=True)
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
 
 
@@ -238,6 +257,7 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
     for method, ranks in ranks_by_method.items():
         for r in ranks:
             row = {k: r[k] for k in ("stack", "method", "layers", "rank", "params", "peak_rss_bytes", "adamw_rss_bytes")}
+            row["dtype"] = r.get("dtype", "fp32")
             extra = r["peak_rss_bytes"] - r["adamw_rss_bytes"]
             row["extra_over_adamw_L"] = extra / L_BYTES
             weights = r["weight_copy_bytes"] + r.get("snapshot_bytes", 0)
@@ -266,7 +286,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["ratio_range"]
-        lines.append(f"| {r['stack']} | {r['layers']} | {r['method']} | {r['rank']} | {r['peak_rss_bytes'] / 1e9:.2f} "
+        layers = f"{r['layers']} bf16" if r.get("dtype") == "bf16" else r["layers"]
+        lines.append(f"| {r['stack']} | {layers} | {r['method']} | {r['rank']} | {r['peak_rss_bytes'] / 1e9:.2f} "
                      f"({r['adamw_rss_bytes'] / 1e9:.2f})"
                      f"| {r['extra_over_adamw_L']:+.2f} | {r['weight_copy_L']:.2f} | {r['activation_extra_L']:+.2f} "
                      f"| {r['allocated_extra_L']:+.2f}, {r['allocated_logits_side_L']:+.2f} "
@@ -284,6 +305,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: the model in bf16 under DeepSpeed's bf16 (ZeRO-3 only); L stays an fp32 logits tensor")
     p.add_argument("--gloo-all-gather", action="store_true",
                    help="the allocator's view with gloo's all-gathers (a temporary of the output's size each) "
                         "instead of in place, as NCCL gathers")
@@ -292,19 +315,24 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.dtype == "bf16" and args.stacks != "zero3":
+        p.error("--dtype bf16 runs on --stacks zero3 only (DeepSpeed's bf16; FSDP2 would need a mixed-precision policy)")
     methods = args.methods.split(",")
-    rows = []
+    rows, begun = [], time.perf_counter()
     for stack in args.stacks.split(","):
         start = time.perf_counter()
         rows += records({m: launch(stack, m, args) for m in methods})
         print(f"{stack}: {time.perf_counter() - start:.0f} s", flush=True)
+    elapsed = time.perf_counter() - begun
     print(table(rows))
+    print(f"{elapsed / 60:.1f} minutes")
     results = json.load(open(args.json)) if os.path.exists(args.json) else {}
-    key = f"layers{args.layers}"
+    key = f"layers{args.layers}" + ("_bf16" if args.dtype == "bf16" else "")
     measured = {(r["stack"], r["method"]) for r in rows}  # a partial rerun replaces only its own rows
     kept = [r for r in results.get(key, {}).get("rows", []) if (r["stack"], r["method"]) not in measured]
     key += "_gloo_all_gather" if args.gloo_all_gather else ""
     results[key] = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "L_bytes": L_BYTES,
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES), "minutes": round(elapsed / 60, 1),
                     "rows": sorted(kept + rows, key=lambda r: (r["stack"], list(METHODS).index(r["method"]), r["rank"]))}
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
