@@ -1,6 +1,6 @@
 """`make bench-llm`: a TRAM step at a real LLM's vocabulary and width, memory first.
 
-    python bench/llm.py                        # ZeRO-3 and FSDP2, 2 layers; table, bench/llm_results.json
+    python bench/llm.py                        # ZeRO-3 and FSDP2, 2 layers (26 min here); bench/llm_results.json
     python bench/llm.py --layers 24 --stacks zero3 --rounds 1 --dtype bf16   # full depth (0.49B), 29 min here
 
 At full depth two fp32 ranks on one 24 GiB machine are OOM-killed in the first AdamW step (12 GB
@@ -15,36 +15,39 @@ downloaded; by default 2 of its 24 layers so that a step takes seconds here. Eac
 one sequence of 512 tokens: one fp32 logits tensor of the rank's micro-batch is
 L = 1 x 512 x 151,936 x 4 bytes = 311 MB, more than the 2 layers' weights.
 
-Each (stack, method) runs in its own 2-rank torchrun job, so that its peak memory is its own:
-two AdamW steps first (gradients and AdamW's state then exist, as in any run past its first
-step), whose peak RSS (ru_maxrss; on a GPU also the allocator's peak) is AdamW's peak; then
-rounds of [a step of the method, an AdamW step] side by side, each timed (an AdamW step right
-after the first is still slower by up to 1.9x here: a round that starts with AdamW gave ratios
-down to 1.2); then, untimed, an
-AdamW step and a method step under the CPU allocator's view (tests/allocator.py: the profiler's
-memory events, exact where RSS moves by 0.2 L from run to run; the profiler slows a step by
-about 40%, so no timed round runs under it). Per rank it reports
-the peak over AdamW's in the same process (extra_over_adamw_L, in units of L), the step time
-over the AdamW step of the same round (median and range over the rounds), and the host reads of
-a method's step made by tram_dist's code (tests/host_reads.py: torch's conversions to Python
-values, counted; DeepSpeed's and the model's own are theirs). weight_copy_L is what TRAM holds
-by design on the weight side: a copy of the local shard of theta while theta + e is loaded (on
-FSDP2; none on ZeRO-3, whose fp32 masters hold theta) and a snapshot target's fp32 shard, so activation_extra_L = extra_over_adamw_L - weight_copy_L is the logits side.
-In the allocator's view the snapshot is alive in both steps, so allocated_logits_side_L is the
-allocator's extra less the theta copy alone. In that view the all-gathers of ZeRO-3 and FSDP2
-write in place, as NCCL's do: gloo's all_gather_into_tensor gathers into a temporary of the
-output's size and copies it over, so on gloo each gather of a parameter costs twice its size for
-a moment (a gather of the 545 MB tied embedding on top of pass 1's activations was TRAM-previous's
-whole +0.62 L on ZeRO-3); --gloo-all-gather keeps gloo's there too. The workers run with
-glibc's malloc on transparent huge pages (MALLOC_TUNABLES below).
+Each (stack, method) runs in its own 2-rank torchrun job, so that its memory is its own: an AdamW
+step first (its state then exists, as in any run past its first step), then a second one, untimed,
+under the CPU allocator's view (tests/allocator.py: the profiler's memory events, exact where RSS
+moves by 0.2 L from run to run; the profiler slows a step by about 40%, and an AdamW step right
+after the first is still slower by up to 1.9x here, so neither may be timed); then a method step,
+untimed (a snapshot target's first step has no target yet: it only builds the snapshot, and took
+0.6x as long as the next one in two runs here); then rounds of [a step of the method, an AdamW step]
+side by side, each timed, each with its own peak RSS (the kernel's peak reset before the step:
+/proc/self/clear_refs, Linux) and on a GPU its own allocator peak; then the method's step, untimed,
+under the allocator's view. Both views count from the live memory between two steps. Per rank it
+reports the method's peak over AdamW's (the largest of their steps' peaks: extra_over_adamw_L, in
+units of L), the step time over the AdamW step of the same round (median and range over the rounds),
+and the host reads of a method's step made by tram_dist's code (tests/host_reads.py: torch's
+conversions to Python values, counted; DeepSpeed's and the model's own are theirs). weight_copy_L is
+what TRAM holds by design on the weight side while theta + e is loaded: a copy of the local shard of
+theta (on FSDP2; none on ZeRO-3, whose fp32 masters hold theta), so activation_extra_L =
+extra_over_adamw_L - weight_copy_L is the logits side, and allocated_logits_side_L likewise in the
+allocator's view. A snapshot target's fp32 shard (snapshot_L) is alive from its first step on, in
+the AdamW steps between as well, so it is in neither side of a difference (README counts it on the
+weight side: one more fp32 copy of the local shard). In the allocator's view the all-gathers of
+ZeRO-3 and FSDP2 write in place, as NCCL's do: gloo's all_gather_into_tensor gathers into a
+temporary of the output's size and copies it over, so on gloo each gather of a parameter costs twice
+its size for a moment (a gather of the 545 MB tied embedding on top of pass 1's activations was
+TRAM-previous's whole +0.62 L on ZeRO-3); --gloo-all-gather keeps gloo's there too. The workers run
+with glibc's malloc on transparent huge pages (MALLOC_TUNABLES below).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -169,6 +172,8 @@ def worker(args) -> None:
     from tram_dist import TRAM, TRAMConfig
     from tram_dist.forward import causal_lm_forward
 
+    begun = time.perf_counter()
+    phases = {}  # where a job's minutes go: set-up, warm-up, timed rounds, the allocator's view
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
@@ -179,51 +184,76 @@ def worker(args) -> None:
     ids = torch.randint(0, VOCAB, (1, SEQ), generator=g)
     batch = dict(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids))
     cuda = torch.cuda.is_available()
-    base_step(wrapped, optimizer, batch)  # AdamW's state exists from here on, as past any first step
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    base_step(wrapped, optimizer, batch)
-    adamw_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    adamw_allocated = torch.cuda.max_memory_allocated() if cuda else 0
-    tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[args.method]), forward_fn=causal_lm_forward)
-    base_times, times, read_counts = [], [], []
-    for _ in range(args.rounds):
-        dist.barrier()
-        with HostReads() as reads:
-            start = time.perf_counter()
-            tram.step(batch)
-            times.append(time.perf_counter() - start)
-        read_counts.append(len(reads.calls))
-        dist.barrier()
-        start = time.perf_counter()
-        base_step(wrapped, optimizer, batch)
-        base_times.append(time.perf_counter() - start)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the profiler's own buffers
-    # The allocator's view, untimed (the profiler slows a step by about 40%): an AdamW step and a
-    # method step from one origin, past the method's first step (which builds a snapshot).
+    phases["setup"] = time.perf_counter() - begun
     in_place = not args.gloo_all_gather and dist.get_backend() == "gloo"  # NCCL gathers in place itself
+    base_step(wrapped, optimizer, batch)  # AdamW's state exists from here on, as past any first step
+    # The allocator's view of an AdamW step, untimed (the profiler slows a step by about 40%, and
+    # the step after the first is slow anyway); its origin is the live memory between two steps.
     with Allocations() as mem, (gathers_in_place() if in_place else contextlib.nullcontext()):
         mem.mark("adamw")
         base_step(wrapped, optimizer, batch)
+    adamw_allocated = mem.peaks()["adamw"]
+    tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[args.method]), forward_fn=causal_lm_forward)
+    tram.step(batch)  # untimed: a snapshot target's first step has no target yet (it builds the snapshot)
+    phases["warmup"] = time.perf_counter() - begun - sum(phases.values())
+    timed = {"adamw": [], "method": []}  # (seconds, peak RSS, allocator's peak on a GPU) of each step
+    read_counts = []
+    for _ in range(args.rounds):
+        dist.barrier()
+        with HostReads() as reads, measured(timed["method"], cuda):
+            tram.step(batch)
+        read_counts.append(len(reads.calls))
+        dist.barrier()
+        with measured(timed["adamw"], cuda):
+            base_step(wrapped, optimizer, batch)
+    phases["rounds"] = time.perf_counter() - begun - sum(phases.values())
+    # The method's step in the allocator's view, from the same kind of origin (between two steps; a
+    # snapshot is alive there, so in neither peak).
+    with Allocations() as mem, (gathers_in_place() if in_place else contextlib.nullcontext()):
         mem.mark("tram")
         tram.step(batch)
-    allocated = mem.peaks()
+    allocated = mem.peaks()["tram"]
+    phases["allocator_view"] = time.perf_counter() - begun - sum(phases.values())
     result = {
         "rank": rank, "stack": args.stack, "method": args.method, "layers": args.layers, "dtype": args.dtype,
         "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
-        "peak_rss_bytes": peak_rss, "adamw_rss_bytes": adamw_rss,
-        "base_step_s": base_times, "step_s": times, "host_reads_per_step": read_counts,
-        "allocated_peak_bytes": allocated["tram"], "adamw_allocated_peak_bytes": allocated["adamw"],
+        "peak_rss_bytes": max(m[1] for m in timed["method"]), "adamw_rss_bytes": max(m[1] for m in timed["adamw"]),
+        "step_peak_rss_bytes": [m[1] for m in timed["method"]], "adamw_step_peak_rss_bytes": [m[1] for m in timed["adamw"]],
+        "base_step_s": [m[0] for m in timed["adamw"]], "step_s": [m[0] for m in timed["method"]],
+        "host_reads_per_step": read_counts,
+        "allocated_peak_bytes": allocated, "adamw_allocated_peak_bytes": adamw_allocated,
         "weight_copy_bytes": weight_copy_bytes(args.stack, wrapped),
         "snapshot_bytes": tram.snapshot.nbytes() if tram.snapshot is not None else 0,
+        "phases_s": phases,
     }
     if cuda:
-        result.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(), adamw_allocated_bytes=adamw_allocated)
+        result.update(peak_allocated_bytes=max(m[2] for m in timed["method"]),
+                      adamw_allocated_bytes=max(m[2] for m in timed["adamw"]))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     from tram_dist.shutdown import exit_run
 
     exit_run()
+
+
+@contextlib.contextmanager
+def measured(into: list, cuda: bool):
+    """Appends (seconds, peak RSS, allocator's peak or 0) of the block: the kernel's peak RSS
+    (VmHWM) is reset to the current RSS first (/proc/self/clear_refs, Linux 4.0+), so each step has
+    its own peak, whatever ran before it; on a GPU the allocator's peak likewise. glibc's free
+    pages go back to the kernel first (malloc_trim), or a step would start from what the step
+    before it freed and kept."""
+    ctypes.CDLL(None).malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    into.append((seconds, hwm, torch.cuda.max_memory_allocated() if cuda else 0))
 
 
 def weight_copy_bytes(stack: str, wrapped) -> int:
@@ -247,8 +277,10 @@ def launch(stack: str, method: str, args) -> list[dict]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{stack} {method} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    print(f"{stack} {method}: {time.perf_counter() - start:.0f} s", flush=True)
-    return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
+    phases = ", ".join(f"{k} {v:.0f}" for k, v in ranks[0]["phases_s"].items())
+    print(f"{stack} {method}: {time.perf_counter() - start:.0f} s ({phases})", flush=True)
+    return ranks
 
 
 def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
@@ -260,11 +292,11 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
             row["dtype"] = r.get("dtype", "fp32")
             extra = r["peak_rss_bytes"] - r["adamw_rss_bytes"]
             row["extra_over_adamw_L"] = extra / L_BYTES
-            weights = r["weight_copy_bytes"] + r.get("snapshot_bytes", 0)
-            row["weight_copy_L"] = weights / L_BYTES
-            row["activation_extra_L"] = (extra - weights) / L_BYTES
-            # The allocator's view, from one origin per round: TRAM's snapshot is alive in both segments,
-            # so only the transient copy of theta is TRAM's on the weight side.
+            # A snapshot is alive in the AdamW steps too (they run between the method's), so only
+            # the transient copy of theta is TRAM's on the weight side, in both views.
+            row["weight_copy_L"] = r["weight_copy_bytes"] / L_BYTES
+            row["snapshot_L"] = r["snapshot_bytes"] / L_BYTES
+            row["activation_extra_L"] = (extra - r["weight_copy_bytes"]) / L_BYTES
             alloc_extra = r["allocated_peak_bytes"] - r["adamw_allocated_peak_bytes"]
             row["allocated_extra_L"] = alloc_extra / L_BYTES
             row["allocated_logits_side_L"] = (alloc_extra - r["weight_copy_bytes"]) / L_BYTES
