@@ -9,7 +9,9 @@ SAM, TRAM with each target, and, on DDP and FSDP2, two peers written the way a p
 loop would: `plain_sam` keeps a full copy of the weights and takes the norm of the local gradient
 (on FSDP2 the copy is gathered and the norm is wrong: it is the local shard's), `gathered_sam`
 gathers the full gradient to take the global norm. The first round warms up; step_time_ratio is
-a method's median step time over the base step's median from the same rounds. Collectives and
+a method's median step time over the base step's median from the same rounds, and ratio_range
+the smallest and largest of the rounds' own ratios (a method's step over the base step of its
+round): its spread. Collectives and
 bytes come from one more step of each method, per rank: collectives_per_step counts the
 profiler's c10d ops (it sees DDP's C++ reducer too); bytes_per_step is the full tensor each
 collective carries (an all-gather's output, a reduce-scatter's input, an all-reduce's tensor):
@@ -291,9 +293,12 @@ def records(ranks: list[dict]) -> list[dict]:
         per_rank = [r["methods"][name] for r in ranks]
         extra = max(m["extra_bytes"] for m in per_rank)
         shard = max(r["shard_bytes"] for r in ranks)
+        # Each round's ratio, over the base step of the same round: their range is the spread.
+        ratios = [t / b for t, b in zip(per_rank[0]["times_s"], base["times_s"], strict=True)]
         out.append({
             "backend": ranks[0]["backend"], "method": name,
             "step_time_ratio": per_rank[0]["median_s"] / base["median_s"],
+            "ratio_range": [min(ratios), max(ratios)],
             "step_time_s": per_rank[0]["median_s"],
             "collectives_per_step": max(m["collectives"] for m in per_rank),
             "bytes_per_step": max(m["bytes"] for m in per_rank),
@@ -306,10 +311,12 @@ def records(ranks: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| backend | method | step time ratio | step (s) | collectives/step | MB/step | extra MB/rank (shards) | "
+    lines = ["| backend | method | step time ratio (range over rounds) | step (s) | collectives/step | MB/step | extra MB/rank (shards) | "
              "target MB/rank |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['backend']} | {r['method']} | {r['step_time_ratio']:.2f} | {r['step_time_s']:.3f} | "
+        lo, hi = r["ratio_range"]
+        lines.append(f"| {r['backend']} | {r['method']} | {r['step_time_ratio']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                     f"{r['step_time_s']:.3f} | "
                      f"{r['collectives_per_step']} | {r['bytes_per_step'] / 1e6:.1f} | "
                      f"{r['extra_bytes_per_rank'] / 1e6:.1f} ({r['extra_shards']:.2f}) | "
                      f"{r['target_bytes_per_rank'] / 1e6:.1f} |")

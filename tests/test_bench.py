@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = {"backend", "method", "step_time_ratio", "collectives_per_step", "bytes_per_step", "extra_bytes_per_rank"}
+FIELDS = {"backend", "method", "step_time_ratio", "ratio_range", "collectives_per_step", "bytes_per_step", "extra_bytes_per_rank"}
 
 
 def test_bench_counts_on_ddp(tmp_path):
@@ -29,6 +29,7 @@ def test_bench_counts_on_ddp(tmp_path):
                          "tram_fisher", "plain_sam"}
     assert all(FIELDS <= set(r) for r in rows.values())
     base, shard = rows["base"], rows["base"]["local_shard_bytes"]
+    assert base["ratio_range"] == [1.0, 1.0]  # each round's base step over itself: the rounds are paired
     assert shard == 4 * base["params"]  # DDP: every rank's local pieces are the whole fp32 model
     for name in ("sam", "tram_noised_input", "tram_previous", "tram_initial", "tram_ema", "tram_fisher"):
         r = rows[name]
