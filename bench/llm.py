@@ -172,8 +172,11 @@ def worker(args) -> None:
     from tram_dist import TRAM, TRAMConfig
     from tram_dist.forward import causal_lm_forward
 
-    begun = time.perf_counter()
-    phases = {}  # where a job's minutes go: set-up, warm-up, timed rounds, the allocator's view
+    begun, phases = time.perf_counter(), {}  # where a job's minutes go: set-up, warm-up, rounds, views
+
+    def lap(name: str) -> None:
+        phases[name] = time.perf_counter() - begun - sum(phases.values())
+
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
@@ -184,18 +187,15 @@ def worker(args) -> None:
     ids = torch.randint(0, VOCAB, (1, SEQ), generator=g)
     batch = dict(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids))
     cuda = torch.cuda.is_available()
-    phases["setup"] = time.perf_counter() - begun
+    lap("setup")
     in_place = not args.gloo_all_gather and dist.get_backend() == "gloo"  # NCCL gathers in place itself
     base_step(wrapped, optimizer, batch)  # AdamW's state exists from here on, as past any first step
     # The allocator's view of an AdamW step, untimed (the profiler slows a step by about 40%, and
     # the step after the first is slow anyway); its origin is the live memory between two steps.
-    with Allocations() as mem, (gathers_in_place() if in_place else contextlib.nullcontext()):
-        mem.mark("adamw")
-        base_step(wrapped, optimizer, batch)
-    adamw_allocated = mem.peaks()["adamw"]
+    adamw_allocated = allocator_peak(lambda: base_step(wrapped, optimizer, batch), in_place)
     tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[args.method]), forward_fn=causal_lm_forward)
     tram.step(batch)  # untimed: a snapshot target's first step has no target yet (it builds the snapshot)
-    phases["warmup"] = time.perf_counter() - begun - sum(phases.values())
+    lap("warmup")
     timed = {"adamw": [], "method": []}  # (seconds, peak RSS, allocator's peak on a GPU) of each step
     read_counts = []
     for _ in range(args.rounds):
@@ -206,20 +206,19 @@ def worker(args) -> None:
         dist.barrier()
         with measured(timed["adamw"], cuda):
             base_step(wrapped, optimizer, batch)
-    phases["rounds"] = time.perf_counter() - begun - sum(phases.values())
+    lap("rounds")
     # The method's step in the allocator's view, from the same kind of origin (between two steps; a
     # snapshot is alive there, so in neither peak).
-    with Allocations() as mem, (gathers_in_place() if in_place else contextlib.nullcontext()):
-        mem.mark("tram")
-        tram.step(batch)
-    allocated = mem.peaks()["tram"]
-    phases["allocator_view"] = time.perf_counter() - begun - sum(phases.values())
+    allocated = allocator_peak(lambda: tram.step(batch), in_place)
+    lap("allocator_view")
+    method_s, method_rss, method_cuda = zip(*timed["method"])
+    adamw_s, adamw_rss, adamw_cuda = zip(*timed["adamw"])
     result = {
         "rank": rank, "stack": args.stack, "method": args.method, "layers": args.layers, "dtype": args.dtype,
         "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
-        "peak_rss_bytes": max(m[1] for m in timed["method"]), "adamw_rss_bytes": max(m[1] for m in timed["adamw"]),
-        "step_peak_rss_bytes": [m[1] for m in timed["method"]], "adamw_step_peak_rss_bytes": [m[1] for m in timed["adamw"]],
-        "base_step_s": [m[0] for m in timed["adamw"]], "step_s": [m[0] for m in timed["method"]],
+        "peak_rss_bytes": max(method_rss), "adamw_rss_bytes": max(adamw_rss),
+        "step_peak_rss_bytes": list(method_rss), "adamw_step_peak_rss_bytes": list(adamw_rss),
+        "base_step_s": list(adamw_s), "step_s": list(method_s),
         "host_reads_per_step": read_counts,
         "allocated_peak_bytes": allocated, "adamw_allocated_peak_bytes": adamw_allocated,
         "weight_copy_bytes": weight_copy_bytes(args.stack, wrapped),
@@ -227,13 +226,21 @@ def worker(args) -> None:
         "phases_s": phases,
     }
     if cuda:
-        result.update(peak_allocated_bytes=max(m[2] for m in timed["method"]),
-                      adamw_allocated_bytes=max(m[2] for m in timed["adamw"]))
+        result.update(peak_allocated_bytes=max(method_cuda), adamw_allocated_bytes=max(adamw_cuda))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     from tram_dist.shutdown import exit_run
 
     exit_run()
+
+
+def allocator_peak(step, in_place: bool) -> int:
+    """The CPU allocator's peak over one call of ``step``, from the live bytes before it
+    (tests/allocator.py); all-gathers in place (as NCCL's) where ``in_place``."""
+    with Allocations() as mem, (gathers_in_place() if in_place else contextlib.nullcontext()):
+        mem.mark("step")
+        step()
+    return mem.peaks()["step"]
 
 
 @contextlib.contextmanager
