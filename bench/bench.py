@@ -11,16 +11,16 @@ loop would: `plain_sam` keeps a full copy of the weights and takes the norm of t
 gathers the full gradient to take the global norm. The first round warms up; step_time_ratio is
 a method's median step time over the base step's median from the same rounds, and ratio_range
 the smallest and largest of the rounds' own ratios (a method's step over the base step of its
-round): its spread. Collectives and
-bytes come from one more step of each method, per rank: collectives_per_step counts the
-profiler's c10d ops (it sees DDP's C++ reducer too); bytes_per_step is the full tensor each
-collective carries (an all-gather's output, a reduce-scatter's input, an all-reduce's tensor):
-from the profiler's shapes where it records them, else from torch.distributed's functions patched
-for that step (DDP's buckets are routed through its default all-reduce hook to pass them), and
-the peers' DTensor gathers and scatters counted by the peers themselves. extra_bytes_per_rank is
-what the method holds on the rank besides the model, the optimizer and the gradients: TRAM's copy of the local theta pieces while theta + e
-is loaded (FSDP, DDP; none on DeepSpeed, which restores from its fp32 masters), the peers'
-weight copies, and a target's snapshot (target_bytes_per_rank, counted apart).
+round): its spread. Collectives and bytes come from one more step of each method, per rank:
+collectives_per_step counts the c10d ops the step dispatches (a dispatch mode, which sees DDP's
+C++ reducer too); bytes_per_step is the full tensor each collective carries (an all-gather's
+output, a reduce-scatter's input, an all-reduce's tensor): from the op's own tensor argument where
+it takes one, else from torch.distributed's functions patched for that step (DDP's buckets are
+routed through its default all-reduce hook to pass them), and the peers' DTensor gathers and
+scatters counted by the peers themselves. extra_bytes_per_rank is what the method holds on the
+rank besides the model, the optimizer and the gradients: TRAM's copy of the local theta pieces
+while theta + e is loaded (FSDP, DDP; none on DeepSpeed, which restores from its fp32 masters),
+the peers' weight copies, and a target's snapshot (target_bytes_per_rank, counted apart).
 
 The model is a BERT encoder built from a config (hidden 384, 4 layers, 8,192-token vocabulary,
 10.2M parameters) on 16 sequences of 64 tokens per rank, so one base step takes on the order of
@@ -55,7 +55,7 @@ TRAM_METHODS = {
     "tram_fisher": dict(geometry="fisher", target="noised_input", noised_pass=True, scale=3.0, rho_max=1.0),
 }
 PEERS = {"ddp": ("plain_sam",), "fsdp2": ("plain_sam", "gathered_sam")}
-BATCH, SEQ, VOCAB = 16, 64, 8192
+BATCH, SEQ, VOCAB = 16, 64, 8192  # default sequences per rank, tokens per sequence, vocabulary
 RHO = 0.05
 
 
@@ -68,7 +68,7 @@ def build_model():
         max_position_embeddings=SEQ, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
-def wrap(backend: str, model):
+def wrap(backend: str, model, batch: int):
     """(what TRAM wraps, base optimizer or None)."""
     from transformers.models.bert.modeling_bert import BertLayer
 
@@ -94,14 +94,14 @@ def wrap(backend: str, model):
     stage = int(backend[-1])
     zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5), config={
-        "train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "zero_optimization": zero,
         "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0})
     return engine, None
 
 
 class CommBytes:
-    """Bytes of the collectives whose tensors the profiler does not show (list arguments:
-    all-reduce, broadcast, all-gather into a list, scatter): torch.distributed's functions,
+    """Bytes of the collectives whose ops take tensor lists, which the counter does not size
+    (all-reduce, broadcast, all-gather into a list, scatter): torch.distributed's functions,
     patched (DeepSpeed and DTensor call them by attribute), and DDP's gradient buckets, routed
     through the default all-reduce hook so that they pass the patched all_reduce."""
 
@@ -226,7 +226,7 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     rank = dist.get_rank()
     comm = CommBytes()
-    wrapped, optimizer = wrap(args.backend, build_model())
+    wrapped, optimizer = wrap(args.backend, build_model(), args.batch)
     if args.backend == "ddp":
         comm.route_ddp(wrapped)
     methods = {"base": Base(wrapped, optimizer, args.backend)}
@@ -235,8 +235,8 @@ def worker(args) -> None:
     for name in PEERS.get(args.backend, ()):
         methods[name] = PlainSAM(wrapped, optimizer, gather_grad=name == "gathered_sam", comm=comm)
     g = torch.Generator().manual_seed(1 + rank)
-    batch = {"input_ids": torch.randint(0, VOCAB, (BATCH, SEQ), generator=g),
-             "labels": torch.randint(0, 2, (BATCH,), generator=g)}
+    batch = {"input_ids": torch.randint(0, VOCAB, (args.batch, SEQ), generator=g),
+             "labels": torch.randint(0, 2, (args.batch,), generator=g)}
     times = {name: [] for name in methods}
     for round_index in range(args.rounds + 1):
         for name, method in methods.items():
@@ -255,9 +255,9 @@ def worker(args) -> None:
         with stacks.CollectiveCounter() as counter:
             method.step(batch)
         comm.on = False
-        # Ops with tensor arguments (all-gather / reduce-scatter into one tensor): the profiler's
-        # largest shape (fp32); the rest from the patched calls.
-        comm.bytes["profiled"] = 4 * sum(counter.elements.values())
+        # Ops with tensor arguments (all-gather / reduce-scatter into one tensor): their largest
+        # tensor (fp32); the rest from the patched calls.
+        comm.bytes["tensor_ops"] = 4 * sum(counter.elements.values())
         counts[name] = {"collectives": sum(counter.counts.values()), "bytes": sum(comm.bytes.values()),
                         "by_op": counter.counts, "bytes_by_call": dict(comm.bytes)}
     shard = methods["sam"].tram.backend.local_params()
@@ -277,7 +277,7 @@ def worker(args) -> None:
 def launch(backend: str, args) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), os.path.abspath(__file__), "--worker", "--backend", backend,
-           "--rounds", str(args.rounds), "--tmp", args.tmp]
+           "--rounds", str(args.rounds), "--batch", str(args.batch), "--tmp", args.tmp]
     env = dict(os.environ, OMP_NUM_THREADS="1", KINETO_LOG_LEVEL="5", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     if proc.returncode != 0:
@@ -327,6 +327,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--rounds", type=int, default=6, help="timed rounds after one warm-up round")
+    p.add_argument("--batch", type=int, default=BATCH,
+                   help="sequences per rank (the counts, bytes and held memory do not depend on it; the times do)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", help=argparse.SUPPRESS)

@@ -4,11 +4,13 @@
         --methods sam,asam --steps 3 --out DIR
 
 Each rank writes DIR/rank{r}.pt: {method: {"state": full weights, "metrics": [...]}} and the
-collectives it counted, so the parent test never parses interleaved stdout.
+collectives of its last step (steady state), so the parent test never parses interleaved stdout.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import signal
@@ -32,7 +34,7 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
     tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[name], **json.loads(args.override)),
                 forward_fn=NaNInjector(args.inject, rank, args.inject_value) if args.inject else None,
                 scaler=stacks.make_scaler(args.stack) if args.scaler else None)
-    metrics, counts, states = [], [], []
+    metrics, states, collectives = [], [], None
     ckpt = os.path.join(args.ckpt, name) if args.ckpt else None
     first = 0
     if args.resume:
@@ -48,7 +50,8 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
             tram.forward_fn.step = step
             states.append(stacks.full_state(args.stack, wrapped))
         local = micro_batches(shard(batch, rank, world), args.micro)
-        with stacks.CollectiveCounter() as counter:
+        last = step == args.steps - 1
+        with stacks.CollectiveCounter() if last else contextlib.nullcontext() as counter:
             if args.explicit:
                 m = explicit_step(tram, wrapped, local[0])
             else:
@@ -56,10 +59,11 @@ def run_method(args, name: str, rank: int, world: int) -> dict:
         if args.scaler or args.dtype == "fp16":
             m["scale"] = tram.backend.grad_scale()
         metrics.append(m)
-        counts.append({"counts": counter.counts, "elements": counter.elements})
+        if last:
+            collectives = {"counts": counter.counts, "elements": counter.elements}
     pieces = tram.backend.local_params()
     snapshot = tram.snapshot.tensors if tram.snapshot is not None else None
-    return {"state": stacks.full_state(args.stack, wrapped), "metrics": metrics, "collectives": counts,
+    return {"state": stacks.full_state(args.stack, wrapped), "metrics": metrics, "collectives": collectives,
             "states_before_step": states,
             "local_numels": [t.numel() for t in pieces],
             "snapshot_numels": None if snapshot is None else [t.numel() for t in snapshot]}
@@ -274,6 +278,9 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = p.parse_args()
     stacks.init_distributed(args.stack)
+    # Whatever the imports made lives to the end: DeepSpeed's engine runs gc.collect() each time it
+    # is built, which otherwise walks all of it (0.26 s a call, a dozen engines in a run).
+    gc.freeze()
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.bad or args.fault or args.ds_config:
         result = (bad_inputs(args, rank, world) if args.bad else fault_run(args, rank, world) if args.fault

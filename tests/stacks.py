@@ -13,6 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 CLIP = 0.05  # small enough that every step of the tiny model clips
@@ -224,35 +225,29 @@ def full_state(stack: str, wrapped) -> dict:
     raise ValueError(stack)
 
 
-class CollectiveCounter:
-    """Counts the collectives this process issues, by name, and the bytes they carry.
+class CollectiveCounter(TorchDispatchMode):
+    """Counts the collectives this thread issues, by name (c10d::allreduce_, ...), and the
+    elements of the largest tensor each carries (an all-gather's output, a reduce-scatter's input;
+    0 for ops on tensor lists, such as all_reduce's).
 
-    Uses the profiler's record of c10d dispatcher ops, which also sees the collectives DDP's
-    C++ reducer issues from the autograd engine.
+    A dispatch mode sees every c10d op, DDP's C++ reducer's from the autograd engine included
+    (on CPU the backward runs on the calling thread), at a small cost per op.
     """
 
     def __enter__(self):
-        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
-        self._prof.__enter__()
-        return self
+        self._counts, self._elements = collections.Counter(), collections.Counter()
+        return super().__enter__()
 
     def __exit__(self, *exc):
-        self._prof.__exit__(*exc)
-        counts, elements = collections.Counter(), collections.Counter()
-        for ev in self._prof.events():
-            if ev.name.startswith("c10d::"):
-                counts[ev.name] += 1
-                sizes = [_numel(s) for s in ev.input_shapes if s]  # empty for all-reduce lists
-                elements[ev.name] += max(sizes, default=0)
-        self.counts, self.elements = dict(counts), dict(elements)
-        return False
+        self.counts, self.elements = dict(self._counts), dict(self._elements)
+        return super().__exit__(*exc)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name.startswith("c10d::"):
+            self._counts[name] += 1
+            self._elements[name] += max((a.numel() for a in args if isinstance(a, torch.Tensor)), default=0)
+        return func(*args, **(kwargs or {}))
 
 
 def two_pass_step(stack: str, wrapped, optimizer, batch) -> None:

@@ -21,7 +21,7 @@ FIELDS = {"backend", "method", "step_time_ratio", "ratio_range", "collectives_pe
 def test_bench_counts_on_ddp(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench.py"), "--backends", "ddp",
-                           "--rounds", "1", "--out", str(out), "--tmp", str(tmp_path / "ranks")],
+                           "--rounds", "1", "--batch", "2", "--out", str(out), "--tmp", str(tmp_path / "ranks")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = {r["method"]: r for r in json.loads(out.read_text())["records"]}
