@@ -254,10 +254,22 @@ def ds_config_run(args, rank: int, world: int) -> dict:
             "stage": engine.zero_optimization_stage(), "fp16": engine.fp16_enabled(), "bf16": engine.bfloat16_enabled()}
 
 
+def run_case(args, rank: int, world: int) -> dict:
+    """The stack's own gradient and collectives (in fp32), then each method's run."""
+    results = {}
+    if args.dtype == "fp32":
+        results = {"plain_grads": check_grads(args, rank, world), "baseline": baseline_counts(args, rank, world)}
+    results.update({name: run_method(args, name, rank, world) for name in args.methods.split(",")})
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--stack", required=True)
+    p.add_argument("--stack", default="")
     p.add_argument("--variant", default="")
+    p.add_argument("--cases", default="",
+                   help="instead of --stack/--variant: STACK:VARIANT pairs joined by ';', each run in turn in "
+                        "this one process (a launch costs more than a case here); results keyed by the pair")
     p.add_argument("--methods", default="sam,asam,tram_noised,tram_previous")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--micro", type=int, default=1)
@@ -277,7 +289,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     args = p.parse_args()
-    stacks.init_distributed(args.stack)
+    cases = [tuple(c.split(":", 1)) for c in args.cases.split(";")] if args.cases else [(args.stack, args.variant)]
+    if not all(stack for stack, _ in cases):
+        p.error("give --stack or --cases")
+    # A process group DeepSpeed has adopted serves the torch stacks as well.
+    stacks.init_distributed(next((stack for stack, _ in cases if stack.startswith("zero")), cases[0][0]))
     # Whatever the imports made lives to the end: DeepSpeed's engine runs gc.collect() each time it
     # is built, which otherwise walks all of it (0.26 s a call, a dozen engines in a run).
     gc.freeze()
@@ -287,10 +303,12 @@ def main() -> None:
                   else ds_config_run(args, rank, world))
         torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
         exit_run()
-    results = {}
-    if args.dtype == "fp32":  # the stack's own gradient and collectives are checked in fp32
-        results = {"plain_grads": check_grads(args, rank, world), "baseline": baseline_counts(args, rank, world)}
-    results.update({name: run_method(args, name, rank, world) for name in args.methods.split(",")})
+    if args.cases:
+        results = {f"{stack}:{variant}": run_case(argparse.Namespace(**{**vars(args), "stack": stack,
+                                                                        "variant": variant}), rank, world)
+                   for stack, variant in cases}
+    else:
+        results = run_case(args, rank, world)
     torch.save(results, os.path.join(args.out, f"rank{rank}.pt"))
     exit_run()
 

@@ -37,3 +37,11 @@ def torchrun(tmp_path, *worker_args: str, timeout: int = 240, max_restarts: int 
         raise AssertionError(f"distributed run hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def torchrun_cases(tmp_path, cases, *worker_args: str, timeout: int = 600) -> dict:
+    """Several (stack, variant) cases of tests/dist_worker.py in one 2-rank launch (a launch costs
+    6-9 s of imports and set-up here, more than a case of the tiny model); returns
+    {(stack, variant): [rank results]}."""
+    results = torchrun(tmp_path, "--cases", ";".join(f"{s}:{v}" for s, v in cases), *worker_args, timeout=timeout)
+    return {(s, v): [r[f"{s}:{v}"] for r in results] for s, v in cases}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import torchrun
+from launcher import torchrun, torchrun_cases
 from checks import FP32_TOL, STEPS, assert_matches_reference, assert_plain_grads, d_tolerance, max_diff, reference
 from reference import reference_run
 from stacks import CLIP
@@ -67,12 +67,11 @@ _runs: dict = {}
 
 
 def run_stack(tmp_path_factory, stack: str, variant: str) -> list[dict]:
-    """One torchrun per stack variant, shared by the parity and the collective-count tests."""
-    if (stack, variant) not in _runs:
-        out = tmp_path_factory.mktemp(f"{stack}-{variant}".replace(",", "-"))
-        _runs[stack, variant] = torchrun(out, "--stack", stack, "--variant", variant,
-                                         "--methods", ",".join(PARITY_METHODS), "--steps", str(STEPS))
-    return _runs[stack, variant]
+    """Every stack variant in one launch, shared by the parity and the collective-count tests."""
+    if "fp32" not in _runs:
+        _runs["fp32"] = torchrun_cases(tmp_path_factory.mktemp("fp32"), STACKS,
+                                       "--methods", ",".join(PARITY_METHODS), "--steps", str(STEPS))
+    return _runs["fp32"][stack, variant]
 
 
 STACK_IDS = [f"{s}-{v}" if v else s for s, v in STACKS]
@@ -153,11 +152,13 @@ BF16_TOL = 2e-3
 
 
 @pytest.mark.parametrize("stack,variant", BF16_STACKS, ids=[s for s, _ in BF16_STACKS])
-def test_parity_bf16(tmp_path, stack, variant):
+def test_parity_bf16(tmp_path_factory, stack, variant):
     """bf16 on every backend: DDP under autocast, FSDP1 MixedPrecision, FSDP2 MixedPrecisionPolicy
     (fp32 parameters or shards, bf16 compute), and DeepSpeed's bf16 (bf16 weights, fp32 masters)."""
-    results = torchrun(tmp_path, "--stack", stack, "--variant", variant, "--dtype", "bf16", "--optim", "sgd",
-                       "--methods", ",".join(BF16_METHODS), "--steps", str(STEPS))
+    if "bf16" not in _runs:  # every stack in one launch
+        _runs["bf16"] = torchrun_cases(tmp_path_factory.mktemp("bf16"), BF16_STACKS, "--dtype", "bf16",
+                                       "--optim", "sgd", "--methods", ",".join(BF16_METHODS), "--steps", str(STEPS))
+    results = _runs["bf16"][stack, variant]
     # DeepSpeed builds its fp32 masters from the bf16-cast model; FSDP2 keeps fp32 shards.
     bf16_init = stack.startswith("zero")
     for method in BF16_METHODS:
@@ -203,12 +204,14 @@ ACCUM_METHODS = ("sam", "tram_noised", "tram_previous", "tram_fisher")
 
 
 @pytest.mark.parametrize("stack,variant", ACCUM_STACKS, ids=[f"{s}-{v}" if v else s for s, v in ACCUM_STACKS])
-def test_accumulation_parity(tmp_path, stack, variant):
+def test_accumulation_parity(tmp_path_factory, stack, variant):
     """Global mode with 2 micro-batches per rank (DeepSpeed: gradient_accumulation_steps=2): one
     perturbation from the gradient of all micro-batches of all ranks, the KL averaged over all of
     them; equal to one process on the full batch (the reference draws the noise per micro-batch)."""
-    results = torchrun(tmp_path, "--stack", stack, "--variant", variant, "--micro", "2",
-                       "--methods", ",".join(ACCUM_METHODS), "--steps", str(STEPS))
+    if "accumulation" not in _runs:  # every stack in one launch
+        _runs["accumulation"] = torchrun_cases(tmp_path_factory.mktemp("accumulation"), ACCUM_STACKS, "--micro", "2",
+                                               "--methods", ",".join(ACCUM_METHODS), "--steps", str(STEPS))
+    results = _runs["accumulation"][stack, variant]
     for method in ACCUM_METHODS:
         ref_state, _ = reference_run(METHODS[method], STEPS, micro=2)
         for rank, res in enumerate(results):
