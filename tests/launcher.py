@@ -39,9 +39,16 @@ def torchrun(tmp_path, *worker_args: str, timeout: int = 240, max_restarts: int 
     return [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(WORLD)]
 
 
-def torchrun_cases(tmp_path, cases, *worker_args: str, timeout: int = 600) -> dict:
-    """Several (stack, variant) cases of tests/dist_worker.py in one 2-rank launch (a launch costs
-    6-9 s of imports and set-up here, more than a case of the tiny model); returns
+_groups: dict = {}
+
+
+def torchrun_group(tmp_path_factory, name: str, cases, *worker_args: str, timeout: int = 600) -> dict:
+    """Several (stack, variant) cases of tests/dist_worker.py with the same worker arguments, in one
+    2-rank launch (a launch costs 6-9 s of imports and set-up here, more than a case of the tiny
+    model), made by the first test that asks for group ``name`` and kept for the others; returns
     {(stack, variant): [rank results]}."""
-    results = torchrun(tmp_path, "--cases", ";".join(f"{s}:{v}" for s, v in cases), *worker_args, timeout=timeout)
-    return {(s, v): [r[f"{s}:{v}"] for r in results] for s, v in cases}
+    if name not in _groups:
+        results = torchrun(tmp_path_factory.mktemp(name), "--cases", ";".join(f"{s}:{v}" for s, v in cases),
+                           *worker_args, timeout=timeout)
+        _groups[name] = {(s, v): [r[f"{s}:{v}"] for r in results] for s, v in cases}
+    return _groups[name]

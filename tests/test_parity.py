@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launcher import torchrun, torchrun_cases
+from launcher import torchrun, torchrun_group
 from checks import FP32_TOL, STEPS, assert_matches_reference, assert_plain_grads, d_tolerance, max_diff, reference
 from reference import reference_run
 from stacks import CLIP
@@ -63,15 +63,10 @@ def test_local_accumulation_parity(method):
     assert max_diff(dict(model.named_parameters()), ref_state) <= FP32_TOL
 
 
-_runs: dict = {}
-
-
 def run_stack(tmp_path_factory, stack: str, variant: str) -> list[dict]:
     """Every stack variant in one launch, shared by the parity and the collective-count tests."""
-    if "fp32" not in _runs:
-        _runs["fp32"] = torchrun_cases(tmp_path_factory.mktemp("fp32"), STACKS,
-                                       "--methods", ",".join(PARITY_METHODS), "--steps", str(STEPS))
-    return _runs["fp32"][stack, variant]
+    return torchrun_group(tmp_path_factory, "fp32", STACKS, "--methods", ",".join(PARITY_METHODS),
+                          "--steps", str(STEPS))[stack, variant]
 
 
 STACK_IDS = [f"{s}-{v}" if v else s for s, v in STACKS]
@@ -155,10 +150,8 @@ BF16_TOL = 2e-3
 def test_parity_bf16(tmp_path_factory, stack, variant):
     """bf16 on every backend: DDP under autocast, FSDP1 MixedPrecision, FSDP2 MixedPrecisionPolicy
     (fp32 parameters or shards, bf16 compute), and DeepSpeed's bf16 (bf16 weights, fp32 masters)."""
-    if "bf16" not in _runs:  # every stack in one launch
-        _runs["bf16"] = torchrun_cases(tmp_path_factory.mktemp("bf16"), BF16_STACKS, "--dtype", "bf16",
-                                       "--optim", "sgd", "--methods", ",".join(BF16_METHODS), "--steps", str(STEPS))
-    results = _runs["bf16"][stack, variant]
+    results = torchrun_group(tmp_path_factory, "bf16", BF16_STACKS, "--dtype", "bf16", "--optim", "sgd",
+                             "--methods", ",".join(BF16_METHODS), "--steps", str(STEPS))[stack, variant]
     # DeepSpeed builds its fp32 masters from the bf16-cast model; FSDP2 keeps fp32 shards.
     bf16_init = stack.startswith("zero")
     for method in BF16_METHODS:
@@ -208,10 +201,8 @@ def test_accumulation_parity(tmp_path_factory, stack, variant):
     """Global mode with 2 micro-batches per rank (DeepSpeed: gradient_accumulation_steps=2): one
     perturbation from the gradient of all micro-batches of all ranks, the KL averaged over all of
     them; equal to one process on the full batch (the reference draws the noise per micro-batch)."""
-    if "accumulation" not in _runs:  # every stack in one launch
-        _runs["accumulation"] = torchrun_cases(tmp_path_factory.mktemp("accumulation"), ACCUM_STACKS, "--micro", "2",
-                                               "--methods", ",".join(ACCUM_METHODS), "--steps", str(STEPS))
-    results = _runs["accumulation"][stack, variant]
+    results = torchrun_group(tmp_path_factory, "accumulation", ACCUM_STACKS, "--micro", "2",
+                             "--methods", ",".join(ACCUM_METHODS), "--steps", str(STEPS))[stack, variant]
     for method in ACCUM_METHODS:
         ref_state, _ = reference_run(METHODS[method], STEPS, micro=2)
         for rank, res in enumerate(results):

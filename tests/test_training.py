@@ -8,22 +8,14 @@ import pytest
 import torch
 
 from checks import FP32_TOL, STEPS, assert_matches_reference, assert_skipped_step, max_diff
-from launcher import torchrun, torchrun_cases
+from launcher import torchrun, torchrun_group
 from machine import needs_deepspeed_fp16
 from reference import reference_run
 from stacks import CLIP
 from tiny import METHODS
 
 TORCH_STACKS = [("ddp", ""), ("fsdp1", "FULL_SHARD,orig"), ("fsdp2", "")]
-_groups: dict = {}
-
-
-def grouped(tmp_path_factory, name: str, cases, *worker_args: str) -> dict:
-    """All cases of one test that share the worker's arguments, in one launch, run by the first of
-    them; {(stack, variant): [rank results]}."""
-    if name not in _groups:
-        _groups[name] = torchrun_cases(tmp_path_factory.mktemp(name), cases, *worker_args)
-    return _groups[name]
+DS_FP16_STACKS = [("zero2", ""), ("zero3", "")]
 
 
 @pytest.mark.parametrize("stack,variant", TORCH_STACKS, ids=[s for s, _ in TORCH_STACKS])
@@ -31,8 +23,8 @@ def test_interval_and_clipping_on_torch_backends(tmp_path_factory, stack, varian
     """interval=2 (TRAM every other step) and max_grad_norm clipping g' through the backend's
     own clipping (FSDP1's clip_grad_norm_, DTensor norms on FSDP2), against the reference."""
     methods = ("sam", "tram_previous", "tram_interval")
-    results = grouped(tmp_path_factory, "interval", TORCH_STACKS, "--methods", ",".join(methods),
-                      "--steps", "4", "--override", json.dumps({"max_grad_norm": CLIP}))[stack, variant]
+    results = torchrun_group(tmp_path_factory, "interval", TORCH_STACKS, "--methods", ",".join(methods),
+                             "--steps", "4", "--override", json.dumps({"max_grad_norm": CLIP}))[stack, variant]
     for method in methods:
         ref_state, _ = reference_run(METHODS[method], 4, clip=CLIP)
         for rank, res in enumerate(results):
@@ -59,8 +51,9 @@ def test_nonfinite_step_is_skipped_on_every_rank(tmp_path_factory, stack, at_pas
     bitwise unchanged, nobody hangs, and training goes on."""
     override = {"max_grad_norm": 1e6} if at_pass == 2 else {}
     cases = [(s, "") for s, p in NONFINITE if p == at_pass]
-    results = grouped(tmp_path_factory, f"nonfinite{at_pass}", cases, "--methods", "tram_noised", "--steps", "3",
-                      "--inject", f"1:1:{at_pass}", "--override", json.dumps(override))[stack, ""]
+    results = torchrun_group(tmp_path_factory, f"nonfinite{at_pass}", cases, "--methods", "tram_noised",
+                             "--steps", "3", "--inject", f"1:1:{at_pass}",
+                             "--override", json.dumps(override))[stack, ""]
     assert_skipped_step(results, "tram_noised")
 
 
@@ -102,8 +95,9 @@ MICRO_METHODS = ("sam", "asam", "tram_noised", "tram_previous")
 def test_micro_mode_parity(tmp_path_factory, stack, variant):
     """mode="micro": each micro-batch (of all ranks) gets its own e from its own gradient and KL;
     g' is the mean over micro-batches; against the reference's per-micro-batch groups."""
-    results = grouped(tmp_path_factory, "micro", TORCH_STACKS, "--micro", "2", "--methods", ",".join(MICRO_METHODS),
-                      "--steps", str(STEPS), "--override", json.dumps({"mode": "micro"}))[stack, variant]
+    results = torchrun_group(tmp_path_factory, "micro", TORCH_STACKS, "--micro", "2",
+                             "--methods", ",".join(MICRO_METHODS), "--steps", str(STEPS),
+                             "--override", json.dumps({"mode": "micro"}))[stack, variant]
     for method in MICRO_METHODS:
         ref_state, _ = reference_run(dict(METHODS[method], mode="micro"), STEPS, micro=2)
         global_state, _ = reference_run(METHODS[method], STEPS, micro=2)
@@ -141,8 +135,8 @@ def test_loss_scaling_parity(tmp_path_factory, stack, variant):
     weights as the unscaled reference. The forward stays fp32 on CPU: what is tested is TRAM's
     handling of scaled gradients and of the scaler, not fp16 arithmetic."""
     methods = ("sam", "tram_noised", "tram_previous")
-    results = grouped(tmp_path_factory, "scaler", SCALER_STACKS, "--scaler", "--methods", ",".join(methods),
-                      "--steps", str(STEPS))[stack, variant]
+    results = torchrun_group(tmp_path_factory, "scaler", SCALER_STACKS, "--scaler", "--methods", ",".join(methods),
+                             "--steps", str(STEPS))[stack, variant]
     assert_matches_reference(results, methods, FP32_TOL)
 
 
@@ -151,8 +145,9 @@ def test_loss_scaling_parity(tmp_path_factory, stack, variant):
 def test_overflow_skips_the_step_on_every_rank_and_backs_off(tmp_path_factory, stack, variant, at_pass):
     """An inf in pass 1 or pass 2 on rank 1 only, at step 1: both ranks skip the whole step with
     the weights bitwise unchanged, the scale halves (65536 -> 32768), and training goes on."""
-    results = grouped(tmp_path_factory, f"overflow{at_pass}", SCALER_STACKS, "--scaler", "--methods", "tram_previous",
-                      "--steps", "3", "--inject", f"1:1:{at_pass}", "--inject-value", "inf")[stack, variant]
+    results = torchrun_group(tmp_path_factory, f"overflow{at_pass}", SCALER_STACKS, "--scaler",
+                             "--methods", "tram_previous", "--steps", "3", "--inject", f"1:1:{at_pass}",
+                             "--inject-value", "inf")[stack, variant]
     assert_skipped_step(results, "tram_previous", scales=[65536.0, 32768.0, 32768.0])
 
 
@@ -162,13 +157,13 @@ FP16_TOL = 2.6e-4
 
 
 @needs_deepspeed_fp16
-@pytest.mark.parametrize("stack", ["zero2", "zero3"])
+@pytest.mark.parametrize("stack", [s for s, _ in DS_FP16_STACKS])
 def test_deepspeed_fp16_parity(tmp_path_factory, stack):
     """DeepSpeed fp16 with its dynamic loss scaler (2^16): TRAM reads the fragments times
     1/loss_scale; the fp16 run matches the fp32 reference from fp16-rounded weights with SGD."""
     methods = ("sam", "tram_previous")
-    results = grouped(tmp_path_factory, "fp16", [("zero2", ""), ("zero3", "")], "--dtype", "fp16", "--optim", "sgd",
-                      "--methods", ",".join(methods), "--steps", str(STEPS))[stack, ""]
+    results = torchrun_group(tmp_path_factory, "fp16", DS_FP16_STACKS, "--dtype", "fp16", "--optim", "sgd",
+                             "--methods", ",".join(methods), "--steps", str(STEPS))[stack, ""]
     for method in methods:
         ref_state, _ = reference_run(METHODS[method], STEPS, optim="sgd", init_dtype=torch.float16)
         plain, _ = reference_run(dict(METHODS[method], target=None, rho=0.0), STEPS, optim="sgd",
@@ -181,12 +176,12 @@ def test_deepspeed_fp16_parity(tmp_path_factory, stack):
 
 @needs_deepspeed_fp16
 @pytest.mark.parametrize("at_pass", [1, 2])
-@pytest.mark.parametrize("stack", ["zero2", "zero3"])
+@pytest.mark.parametrize("stack", [s for s, _ in DS_FP16_STACKS])
 def test_deepspeed_fp16_overflow_skips_on_every_rank(tmp_path_factory, stack, at_pass):
     """An inf on rank 1 only in pass 1 (TRAM skips and backs DeepSpeed's scaler off) or pass 2
     (engine.step skips, TRAM restores theta): both ranks skip, weights bitwise unchanged, the
     loss scale halves (hysteresis 1), training goes on."""
-    results = grouped(tmp_path_factory, f"fp16_overflow{at_pass}", [("zero2", ""), ("zero3", "")], "--dtype", "fp16",
-                      "--optim", "sgd", "--methods", "tram_previous", "--steps", "3", "--inject", f"1:1:{at_pass}",
-                      "--inject-value", "inf")[stack, ""]
+    results = torchrun_group(tmp_path_factory, f"fp16_overflow{at_pass}", DS_FP16_STACKS, "--dtype", "fp16",
+                             "--optim", "sgd", "--methods", "tram_previous", "--steps", "3",
+                             "--inject", f"1:1:{at_pass}", "--inject-value", "inf")[stack, ""]
     assert_skipped_step(results, "tram_previous", scales=[65536.0, 32768.0, 32768.0])
