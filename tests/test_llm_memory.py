@@ -28,16 +28,19 @@ def _kl64(current, target, direction, mask=None):
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse", "symmetric"])
-def test_chunked_kl_equals_unchunked_float64_at_152k_vocabulary(direction):
+def test_chunked_kl_equals_unchunked_float64_at_152k_vocabulary(direction, monkeypatch):
     g = torch.Generator().manual_seed(0)
     current = torch.randn(2, 24, VOCAB, generator=g) * 2
     target = current + 0.05 * torch.randn(current.shape, generator=g)  # near-identical, as TRAM's are
     mask = torch.rand(2, 24, generator=g) > 0.3
     want = _kl64(current, target, direction, mask)
-    for chunk in (VOCAB * 5, 1 << 21, 1):  # 5 positions, 13 positions, 1 position per chunk
-        got, count = divergence.kl_sum_count(current, target, direction, mask, chunk=chunk)
-        assert got.dtype == torch.float64 and count.item() == mask.sum().item()
-        assert abs(got.item() - want.item()) <= 1e-6 * abs(want.item()), (chunk, got.item(), want.item())
+    # The CPU's own cap (one position per chunk here), then none: chunks as a GPU takes them.
+    for cpu_chunk in (divergence.CPU_CHUNK, 1 << 40):
+        monkeypatch.setattr(divergence, "CPU_CHUNK", cpu_chunk)
+        for chunk in (VOCAB * 5, 1 << 21, 1):  # 5 positions, 13 positions, 1 position per chunk
+            got, count = divergence.kl_sum_count(current, target, direction, mask, chunk=chunk)
+            assert got.dtype == torch.float64 and count.item() == mask.sum().item()
+            assert abs(got.item() - want.item()) <= 1e-6 * abs(want.item()), (chunk, got.item(), want.item())
 
 
 def tiny_lm(vocab=512, layers=2, seed=0):

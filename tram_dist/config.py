@@ -87,7 +87,8 @@ class TRAMConfig:
     """Guard added to every norm in a denominator."""
     kl_chunk: int = KL_CHUNK
     """Logits entries per chunk of the divergence (positions per chunk: max(1, kl_chunk // vocabulary));
-    its temporaries are about 3 x kl_chunk float64 entries (48 MB at the default), whatever B and T are."""
+    its temporaries are about 3 x kl_chunk float64 entries (48 MB at the default), whatever B and T are.
+    On the CPU a chunk is at most 2^18 entries (faster there: its temporaries stay in cache)."""
     head_chunks: bool = True
     """Make the target's logits chunk by chunk through the output layer where the model has one (HF
     get_output_embeddings: causal and masked LMs) and the forward is a built-in one: they never exist whole."""

@@ -22,6 +22,12 @@ from torch import Tensor
 
 from .config import KL_CHUNK
 
+# On the CPU a chunk of at most CPU_CHUNK entries (one position at V = 152k) is faster than a
+# larger one: its float64 temporaries (2 MB each) stay in cache and in the allocator's reused
+# memory, where 16 MB ones are mapped afresh for every chunk (measured on 512 x 151,936 fp32
+# logits, one thread: 0.64-0.74 s at 2^17-2^19 entries against 0.93-1.5 s at the default 2^21).
+# On a GPU the configured chunk stands: there a chunk costs a few kernel launches.
+CPU_CHUNK = 1 << 18
 
 
 def as_rows(x: Tensor) -> Tensor:
@@ -62,7 +68,7 @@ def kl_sum_count(current: Tensor, target: Tensor, direction: str = "forward",
     classification, a token for language modelling). ``mask`` (shaped like the leading dims) drops
     positions whose label is ignored or whose attention mask is 0; they are computed and then
     left out, so no host read is needed to find them. Each chunk covers at most
-    max(1, chunk // C) positions of one row. Returns float64 scalars on the logits' device:
+    max(1, chunk // C) positions of one row (on the CPU, chunk is at most CPU_CHUNK). Returns float64 scalars on the logits' device:
     nothing is read back to the host.
     """
     if current.shape != target.shape:
@@ -74,6 +80,8 @@ def kl_sum_count(current: Tensor, target: Tensor, direction: str = "forward",
         if mask.shape != current.shape[:-1]:
             raise ValueError(f"mask {tuple(mask.shape)} must match the prediction shape {tuple(current.shape[:-1])}")
         m = mask.to(device=cur.device, dtype=torch.bool).reshape(rows, positions)
+    if cur.device.type == "cpu":
+        chunk = min(chunk, CPU_CHUNK)
     step = max(1, chunk // vocab)
     total = torch.zeros((), dtype=torch.float64, device=cur.device)
     for b in range(rows):
