@@ -92,7 +92,8 @@ def kl_sum_count(current: Tensor, target: Tensor, direction: str = "forward",
                 kl = torch.where(m[b, start:stop], kl, 0.0)
             total += kl.sum()
     if m is None:
-        count = torch.tensor(float(rows * positions), dtype=torch.float64, device=cur.device)
+        # torch.full, not torch.tensor: on a GPU the latter copies from the host and waits for the stream
+        count = torch.full((), float(rows * positions), dtype=torch.float64, device=cur.device)
     else:
         count = m.sum(dtype=torch.float64)
     return total, count

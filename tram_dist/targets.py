@@ -34,6 +34,10 @@ class NoisedInput:
             z = torch.randn(output.shape, generator=self.generator) * self.sigma
         else:
             z = (torch.rand(output.shape, generator=self.generator) * 2 - 1) * self.sigma
+        if output.device.type != "cpu":
+            # From pinned memory the copy is asynchronous: from pageable memory it would wait for the
+            # device's stream to drain (a host sync in every noised forward).
+            z = z.pin_memory().to(device=output.device, non_blocking=True)
         return output + z.to(device=output.device, dtype=output.dtype)
 
     def check_fired(self) -> None:
