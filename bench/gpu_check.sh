@@ -1,79 +1,152 @@
 #!/usr/bin/env bash
-# One GPU, under 5 minutes: TRAM-x against AdamW on a ~1.1B-parameter Llama built from a config, bf16.
-#   bash bench/gpu_check.sh                 # prints one JSON line per method, then the ratios
-# Knobs (environment): PYTHON, STEPS (timed steps per method), BATCH, SEQ.
+# One GPU, a few minutes: what a TRAM step costs against AdamW's at LLM shapes, side by side.
+#   bash bench/gpu_check.sh                    # both models; one JSON line per (model, method), then a table
+#   DEVICE=cpu VOCAB=512 LAYERS=1 SEQ=32 BATCH=1 ROUNDS=1 WARMUP=1 bash bench/gpu_check.sh   # its code on the CPU, fp32
+# Models, bf16 weights, random (built from configs, nothing downloaded):
+#   qwen0.5b  Qwen2.5-0.5B's shape at full depth (vocabulary 151,936, 24 layers, tied), bench/llm.py's model
+#   llama1.1b a 1.1B Llama (vocabulary 32,000, hidden 2,048, 16 layers)
+# On one model and one fused AdamW, each round takes one step of every method in turn (AdamW, SAM,
+# TRAM-x, TRAM-previous, TRAM-Fisher, with bench/llm.py's settings), so each ratio is to the AdamW
+# step of its own round; it reports the median and range over the rounds. Memory: the allocator's
+# peak in a step over its live memory before it, a method's over AdamW's, in L = one fp32 logits
+# tensor of the batch (B x T x V x 4 bytes). Host syncs: torch.cuda.set_sync_debug_mode's
+# reports in one more step of each method, those made from tram_dist's code (at most 1).
+# Knobs (environment): PYTHON, DEVICE (cuda), MODELS (qwen0.5b,llama1.1b), ROUNDS (10), WARMUP (2
+# untimed rounds first), BATCH (4), SEQ (2048), LAYERS and VOCAB (each model's own).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
-export STEPS="${STEPS:-10}" BATCH="${BATCH:-4}" SEQ="${SEQ:-512}"
+export DEVICE="${DEVICE:-cuda}" MODELS="${MODELS:-qwen0.5b,llama1.1b}" ROUNDS="${ROUNDS:-10}" WARMUP="${WARMUP:-2}"
+export BATCH="${BATCH:-4}" SEQ="${SEQ:-2048}" LAYERS="${LAYERS:-}" VOCAB="${VOCAB:-}"
 cd "$ROOT"
 
 exec "$PYTHON" - <<'EOF'
-import json, os, time
+import json, os, statistics, sys, time, warnings
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from tram_dist import TRAM, TRAMConfig, causal_lm_forward
+sys.path.insert(0, "bench")
+from llm import METHODS  # noqa: E402  (bench/llm.py's settings of each method)
 
-assert torch.cuda.is_available(), "bench/gpu_check.sh needs a CUDA GPU"
-steps, batch, seq = int(os.environ["STEPS"]), int(os.environ["BATCH"]), int(os.environ["SEQ"])
-cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=seq)
-g = torch.Generator(device="cuda").manual_seed(0)
-ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
-data = {"input_ids": ids, "labels": ids}
+from tram_dist import TRAM, TRAMConfig, causal_lm_forward  # noqa: E402
+
+device = torch.device(os.environ["DEVICE"])
+cuda = device.type == "cuda"
+if cuda and not torch.cuda.is_available():
+    sys.exit("bench/gpu_check.sh needs a CUDA GPU (DEVICE=cpu runs the same code at a toy size)")
+rounds, warmup = int(os.environ["ROUNDS"]), int(os.environ["WARMUP"])
+batch, seq = int(os.environ["BATCH"]), int(os.environ["SEQ"])
+dtype = torch.bfloat16 if cuda else torch.float32  # bf16 on the CPU is slow and not what is measured here
+layers = int(os.environ["LAYERS"]) if os.environ["LAYERS"] else None
+vocab = int(os.environ["VOCAB"]) if os.environ["VOCAB"] else None
 
 
-def measure(method: str) -> dict:
+def build(name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if name == "qwen0.5b":
+        cls, config = Qwen2ForCausalLM, Qwen2Config(
+            vocab_size=vocab or 151_936, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+            intermediate_size=4864, num_hidden_layers=layers or 24, tie_word_embeddings=True)
+    elif name == "llama1.1b":
+        cls, config = LlamaForCausalLM, LlamaConfig(
+            vocab_size=vocab or 32_000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers or 16,
+            num_attention_heads=16, num_key_value_heads=16)
+    else:
+        sys.exit(f"MODELS: unknown model {name!r}; allowed: qwen0.5b, llama1.1b")
+    config.max_position_embeddings = seq
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    tram = None
-    if method != "adamw":
-        tram = TRAM(model, optimizer, TRAMConfig(target="noised_input", sigma=0.1, scale=250.0, rho_max=1.0),
-                    forward_fn=causal_lm_forward)
+    with device:  # built on the device, in its dtype: no full fp32 copy on the host first
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return cls(config)
+        finally:
+            torch.set_default_dtype(default)
 
-    def step():
-        if tram is None:
-            model(**data).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            tram.step(data)
 
-    for _ in range(3):  # warm-up: kernels, allocator, optimizer state
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    out = {"method": method, "params": sum(p.numel() for p in model.parameters()),
-           "step_s": (time.perf_counter() - start) / steps, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    # Host syncs of one more step: torch reports each synchronizing call; count those made from
-    # tram_dist's own code (the model's and the optimizer's are not TRAM's). docs/how-it-works.md: at most 1.
-    import warnings
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if cuda else 0
+
+
+def measure(name: str) -> list[dict]:
+    model = build(name)
+    vocab = model.config.vocab_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    g = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), device=device, generator=g)
+    data = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    trams = {m: TRAM(model, optimizer, TRAMConfig(**settings), forward_fn=causal_lm_forward)
+             for m, settings in METHODS.items()}
+
+    def adamw():
+        model(**data).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    steps = {"adamw": adamw, **{m: (lambda t=t: t.step(data)) for m, t in trams.items()}}
+    seconds = {m: [] for m in steps}
+    peaks = {m: [] for m in steps}
+    for r in range(warmup + rounds):  # untimed rounds first: kernels, allocator, optimizer state, snapshots
+        for m, step in steps.items():
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            before = allocated()
+            start = time.perf_counter()
+            step()
+            sync()
+            if r >= warmup:
+                seconds[m].append(time.perf_counter() - start)
+                peaks[m].append((torch.cuda.max_memory_allocated() if cuda else 0) - before)
+    syncs = {m: host_syncs(step) for m, step in steps.items()}
+    L = batch * seq * vocab * 4
+    rows = []
+    for m in steps:
+        ratios = [s / a for s, a in zip(seconds[m], seconds["adamw"])]
+        rows.append({"model": name, "method": m, "params": sum(p.numel() for p in model.parameters()),
+                     "device": torch.cuda.get_device_name() if cuda else "cpu", "batch": batch, "seq": seq,
+                     "rounds": rounds, "step_s": statistics.median(seconds[m]), "ratio": statistics.median(ratios),
+                     "ratio_range": [min(ratios), max(ratios)], "L_bytes": L,
+                     "extra_peak_L": (max(peaks[m]) - max(peaks["adamw"])) / L if cuda else None,
+                     "host_syncs": syncs[m][0], "host_syncs_tram": syncs[m][1]})
+    del model, optimizer, trams, steps
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def host_syncs(step) -> tuple:
+    """(all, tram_dist's) synchronizing calls torch reports in one step; None off a GPU."""
+    if not cuda:
+        return None, None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
-        step()
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    out["host_syncs"] = len(syncs)
-    out["host_syncs_tram"] = sum("tram_dist" in w.filename for w in syncs)
-    del model, optimizer, tram
-    torch.cuda.empty_cache()
-    return out
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found = [w for w in caught if "synchroniz" in str(w.message)]
+    return len(found), sum("tram_dist" in w.filename for w in found)
 
 
-results = [measure("adamw"), measure("tram_x")]
-for r in results:
-    print(json.dumps(r), flush=True)
-base, tram = results
-print(f"{torch.cuda.get_device_name()}: {base['params'] / 1e9:.2f}B params, bf16, batch {batch} x {seq} tokens; "
-      f"TRAM-x / AdamW step time {tram['step_s'] / base['step_s']:.2f}x, "
-      f"peak memory {tram['peak_gib']:.1f} / {base['peak_gib']:.1f} GiB "
-      f"(+{tram['peak_gib'] - base['peak_gib']:.2f} GiB)")
+rows = [row for name in os.environ["MODELS"].split(",") for row in measure(name)]
+for row in rows:
+    print(json.dumps(row), flush=True)
+print(f"\n{rows[0]['device']}, {str(dtype).split('.')[-1]}, batch {batch} x {seq} tokens, {rounds} rounds; ratios to the AdamW step of "
+      "the same round (median, range); peak over AdamW's in L = B x T x V x 4 bytes")
+print("| model | params | method | step s | step / AdamW step (range) | extra peak (L) | host syncs (tram_dist's) |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    lo, hi = r["ratio_range"]
+    extra = "-" if r["extra_peak_L"] is None else f"{r['extra_peak_L']:+.2f}"
+    syncs = "-" if r["host_syncs"] is None else f"{r['host_syncs']} ({r['host_syncs_tram']})"
+    print(f"| {r['model']} | {r['params'] / 1e9:.2f}B | {r['method']} | {r['step_s']:.3f} | {r['ratio']:.2f} "
+          f"({lo:.2f}-{hi:.2f}) | {extra} | {syncs} |")
 EOF

@@ -9,6 +9,7 @@ one more; the plain-loop SAM peer holds a full weight copy.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -50,6 +51,23 @@ def test_gpu_check_script():
     proc = subprocess.run([bash, os.path.join(ROOT, "bench", "gpu_check.sh")], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, PYTHON=sys.executable, CUDA_VISIBLE_DEVICES=""))
     assert proc.returncode != 0 and "needs a CUDA GPU" in proc.stderr  # this machine has none: a clear refusal
+
+
+def test_gpu_check_runs_its_code_on_the_cpu_at_a_toy_size():
+    """The GPU check's own code end to end (DEVICE=cpu: fp32, Qwen2.5-0.5B's width at one layer and a
+    512-entry vocabulary): every method stepped side by side with AdamW in each round, a row each."""
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", MODELS="qwen0.5b", VOCAB="512", LAYERS="1", BATCH="1", SEQ="32",
+               ROUNDS="1", WARMUP="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([shutil.which("bash"), os.path.join(ROOT, "bench", "gpu_check.sh")], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["method"] for r in rows] == ["adamw", "sam", "tram_x", "tram_previous", "tram_fisher"]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["ratio_range"] == [1.0, 1.0]
+    for r in rows:
+        assert r["model"] == "qwen0.5b" and r["L_bytes"] == 1 * 32 * 512 * 4 and r["rounds"] == 1
+        assert math.isfinite(r["ratio"]) and 0 < r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
+    assert "| qwen0.5b | " in proc.stdout and "| tram_fisher |" in proc.stdout
 
 
 def test_experiment_table_pairs_by_seed():
