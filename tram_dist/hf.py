@@ -136,7 +136,8 @@ class TRAMTrainer(Trainer):
                 self._tram_logs[key].append(metrics[key])
         loss = metrics.get("loss", metrics.get("loss_local", math.nan))
         # The Trainer sums what each micro-batch returns: the window's mean loss, returned once.
-        return loss.detach().float() if torch.is_tensor(loss) else torch.tensor(loss, device=self.args.device)
+        # torch.full, not torch.tensor: on a GPU the latter copies from the host and waits for the stream.
+        return loss.detach().float() if torch.is_tensor(loss) else torch.full((), loss, device=self.args.device)
 
     def _tram_for(self, model) -> TRAM:
         """TRAM over the model as the Trainer wrapped it, made at the first step (after any resume)."""

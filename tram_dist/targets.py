@@ -30,15 +30,15 @@ class NoisedInput:
         if not self._on:
             return None
         self._fired = True
+        # For a CUDA output the draw lands in pinned memory, so the copy to the device is asynchronous:
+        # from pageable memory it would wait for the stream to drain (a host sync in every noised forward).
+        pinned = output.is_cuda
         if self.noise == "normal":
-            z = torch.randn(output.shape, generator=self.generator) * self.sigma
+            z = torch.randn(output.shape, generator=self.generator, pin_memory=pinned).mul_(self.sigma)
         else:
-            z = (torch.rand(output.shape, generator=self.generator) * 2 - 1) * self.sigma
-        if output.device.type != "cpu":
-            # From pinned memory the copy is asynchronous: from pageable memory it would wait for the
-            # device's stream to drain (a host sync in every noised forward).
-            z = z.pin_memory().to(device=output.device, non_blocking=True)
-        return output + z.to(device=output.device, dtype=output.dtype)
+            z = torch.rand(output.shape, generator=self.generator, pin_memory=pinned).mul_(2).sub_(1).mul_(self.sigma)
+        z = z.to(device=output.device, non_blocking=pinned)  # then the dtype, on the device
+        return output + z.to(dtype=output.dtype)
 
     def check_fired(self) -> None:
         """Raise unless the embedding layer ran (and got noise) since the last check."""
