@@ -26,7 +26,7 @@ import json, os, statistics, sys, time, warnings
 import torch
 
 sys.path.insert(0, "bench")
-from llm import METHODS  # noqa: E402  (bench/llm.py's settings of each method)
+import llm  # noqa: E402  (bench/llm.py: its model and each method's settings)
 
 import tram_dist  # noqa: E402
 from tram_dist import TRAM, TRAMConfig, causal_lm_forward  # noqa: E402
@@ -45,27 +45,18 @@ vocab = int(os.environ["VOCAB"]) if os.environ["VOCAB"] else None
 
 
 def build(name: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     if name == "qwen0.5b":
-        cls, config = Qwen2ForCausalLM, Qwen2Config(
-            vocab_size=vocab or 151_936, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
-            intermediate_size=4864, num_hidden_layers=layers or 24, tie_word_embeddings=True)
-    elif name == "llama1.1b":
-        cls, config = LlamaForCausalLM, LlamaConfig(
-            vocab_size=vocab or 32_000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers or 16,
-            num_attention_heads=16, num_key_value_heads=16)
-    else:
+        return llm.build_model(layers or 24, dtype, vocab or llm.VOCAB, seq, device)
+    if name != "llama1.1b":
         sys.exit(f"MODELS: unknown model {name!r}; allowed: qwen0.5b, llama1.1b")
-    config.max_position_embeddings = seq
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    with device:  # built on the device, in its dtype: no full fp32 copy on the host first
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            return cls(config)
-        finally:
-            torch.set_default_dtype(default)
+    config = LlamaConfig(vocab_size=vocab or 32_000, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=layers or 16, num_attention_heads=16, num_key_value_heads=16,
+                         max_position_embeddings=seq)
+    with llm.building(dtype, device):
+        return LlamaForCausalLM(config)
 
 
 def sync():
@@ -85,7 +76,7 @@ def measure(name: str) -> list[dict]:
     ids = torch.randint(0, vocab, (batch, seq), device=device, generator=g)
     data = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     trams = {m: TRAM(model, optimizer, TRAMConfig(**settings), forward_fn=causal_lm_forward)
-             for m, settings in METHODS.items()}
+             for m, settings in llm.METHODS.items()}
 
     def adamw():
         model(**data).loss.backward()

@@ -81,19 +81,28 @@ L_BYTES = SEQ * VOCAB * 4
 MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
-def build_model(layers: int, dtype: torch.dtype = torch.float32):
+@contextlib.contextmanager
+def building(dtype: torch.dtype, device="cpu"):
+    """Modules made inside are made on ``device`` in ``dtype``: no full fp32 copy on the host first."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
+def build_model(layers: int, dtype: torch.dtype = torch.float32, vocab: int = VOCAB, seq: int = SEQ, device="cpu"):
+    """Qwen2.5-0.5B's shape (vocabulary and width; ``layers`` of its 24), random weights, seed 0."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=14, num_key_value_heads=2,
+    config = Qwen2Config(vocab_size=vocab, hidden_size=HIDDEN, num_attention_heads=14, num_key_value_heads=2,
                          intermediate_size=4864, num_hidden_layers=layers, tie_word_embeddings=True,
-                         max_position_embeddings=SEQ, attention_dropout=0.0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype: no full fp32 copy first
-    try:
+                         max_position_embeddings=seq, attention_dropout=0.0)
+    with building(dtype, device):
         return Qwen2ForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
 
 
 def wrap(stack: str, model, bf16: bool = False):

@@ -56,8 +56,8 @@ def test_gpu_check_script():
 def test_gpu_check_runs_its_code_on_the_cpu_at_a_toy_size():
     """The GPU check's own code end to end (DEVICE=cpu: fp32, Qwen2.5-0.5B's width at one layer and a
     512-entry vocabulary): every method stepped side by side with AdamW in each round, a row each."""
-    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", MODELS="qwen0.5b", VOCAB="512", LAYERS="1", BATCH="1", SEQ="32",
-               ROUNDS="1", WARMUP="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", MODELS="qwen0.5b", VOCAB="512", LAYERS="1",
+               BATCH="1", SEQ="32", ROUNDS="1", WARMUP="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([shutil.which("bash"), os.path.join(ROOT, "bench", "gpu_check.sh")], capture_output=True,
                           text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -68,8 +68,8 @@ def kl_sum_count(current: Tensor, target: Tensor, direction: str = "forward",
     classification, a token for language modelling). ``mask`` (shaped like the leading dims) drops
     positions whose label is ignored or whose attention mask is 0; they are computed and then
     left out, so no host read is needed to find them. Each chunk covers at most
-    max(1, chunk // C) positions of one row (on the CPU, chunk is at most CPU_CHUNK). Returns float64 scalars on the logits' device:
-    nothing is read back to the host.
+    max(1, chunk // C) positions of one row (on the CPU, chunk is at most CPU_CHUNK). Returns
+    float64 scalars on the logits' device: nothing is read back to the host.
     """
     if current.shape != target.shape:
         raise ValueError(f"current logits {tuple(current.shape)} and target logits {tuple(target.shape)} differ")
