@@ -322,6 +322,7 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
             row["step_time_ratio"] = statistics.median(ratios)
             row["ratio_range"] = [min(ratios), max(ratios)]
             row["base_step_s"] = statistics.median(r["base_step_s"])
+            row["rounds_s"] = [[t, b] for t, b in zip(r["step_s"], r["base_step_s"])]  # (method, AdamW): runs pool
             row["host_reads_per_step"] = max(r["host_reads_per_step"])
             rows.append(row)
     return rows
@@ -376,9 +377,11 @@ def main() -> None:
     print(f"{elapsed / 60:.1f} minutes")
     results = json.load(open(args.json)) if os.path.exists(args.json) else {}
     key = f"layers{args.layers}" + ("_bf16" if args.dtype == "bf16" else "")
+    key += "_gloo_all_gather" if args.gloo_all_gather else ""
+    for r in rows:
+        r["date"] = time.strftime("%Y-%m-%d")  # each row its own: a partial rerun keeps the others' rows
     measured = {(r["stack"], r["method"]) for r in rows}  # a partial rerun replaces only its own rows
     kept = [r for r in results.get(key, {}).get("rows", []) if (r["stack"], r["method"]) not in measured]
-    key += "_gloo_all_gather" if args.gloo_all_gather else ""
     results[key] = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "L_bytes": L_BYTES,
                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES), "minutes": round(elapsed / 60, 1),
                     "rows": sorted(kept + rows, key=lambda r: (r["stack"], list(METHODS).index(r["method"]), r["rank"]))}
