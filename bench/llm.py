@@ -76,8 +76,10 @@ L_BYTES = SEQ * VOCAB * 4
 # glibc maps every allocation over 32 MB afresh and returns it on free, so each step pays the
 # kernel's page faults for every large tensor again (measured here: 0.6-1.0 million faults in a
 # forward and backward, 30-50% of a step's time, in kernel time that varies from run to run).
-# Transparent huge pages for malloc's memory cut that to a few thousand faults; a GPU's caching
-# allocator has no such cost. Set GLIBC_TUNABLES yourself to measure otherwise.
+# Transparent huge pages for malloc's memory cut that to a few thousand faults, not the bytes the
+# kernel zeroes (its clear_page was still 43% of the machine's CPU time in a TRAM-x run: docs/results.md,
+# "Where the CPU's time goes"); a GPU's caching allocator has no such cost. Set GLIBC_TUNABLES
+# yourself to measure otherwise.
 MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
