@@ -70,10 +70,10 @@ def allocated() -> int:
 
 def measure(name: str) -> list[dict]:
     model = build(name)
-    vocab = model.config.vocab_size
+    params, vocab_size = sum(p.numel() for p in model.parameters()), model.config.vocab_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     g = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), device=device, generator=g)
+    ids = torch.randint(0, vocab_size, (batch, seq), device=device, generator=g)
     data = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     trams = {m: TRAM(model, optimizer, TRAMConfig(**settings), forward_fn=causal_lm_forward)
              for m, settings in llm.METHODS.items()}
@@ -99,11 +99,11 @@ def measure(name: str) -> list[dict]:
                 seconds[m].append(time.perf_counter() - start)
                 peaks[m].append((torch.cuda.max_memory_allocated() if cuda else 0) - before)
     syncs = {m: host_syncs(step) for m, step in steps.items()}
-    L = batch * seq * vocab * 4
+    L = batch * seq * vocab_size * 4
     rows = []
     for m in steps:
         ratios = [s / a for s, a in zip(seconds[m], seconds["adamw"])]
-        rows.append({"model": name, "method": m, "params": sum(p.numel() for p in model.parameters()),
+        rows.append({"model": name, "method": m, "params": params,
                      "device": torch.cuda.get_device_name() if cuda else "cpu", "batch": batch, "seq": seq,
                      "rounds": rounds, "step_s": statistics.median(seconds[m]), "ratio": statistics.median(ratios),
                      "ratio_range": [min(ratios), max(ratios)], "L_bytes": L,

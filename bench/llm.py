@@ -380,11 +380,12 @@ def main() -> None:
     results = json.load(open(args.json)) if os.path.exists(args.json) else {}
     key = f"layers{args.layers}" + ("_bf16" if args.dtype == "bf16" else "")
     key += "_gloo_all_gather" if args.gloo_all_gather else ""
+    today = time.strftime("%Y-%m-%d")
     for r in rows:
-        r["date"] = time.strftime("%Y-%m-%d")  # each row its own: a partial rerun keeps the others' rows
+        r["date"] = today  # each row its own: a partial rerun keeps the others' rows
     measured = {(r["stack"], r["method"]) for r in rows}  # a partial rerun replaces only its own rows
     kept = [r for r in results.get(key, {}).get("rows", []) if (r["stack"], r["method"]) not in measured]
-    results[key] = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "L_bytes": L_BYTES,
+    results[key] = {"date": today, "command": " ".join(sys.argv), "L_bytes": L_BYTES,
                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES), "minutes": round(elapsed / 60, 1),
                     "rows": sorted(kept + rows, key=lambda r: (r["stack"], list(METHODS).index(r["method"]), r["rank"]))}
     with open(args.json, "w") as f:
