@@ -1,7 +1,11 @@
 """`make bench-llm`: a TRAM step at a real LLM's vocabulary and width, memory first.
 
-    python bench/llm.py                        # ZeRO-3 and FSDP2, 2 layers (26 min here); bench/llm_results.json
-    python bench/llm.py --layers 24 --stacks zero3 --rounds 1 --dtype bf16   # full depth (0.49B), 29 min here
+    python bench/llm.py                        # ZeRO-3 and FSDP2, 2 layers (41 min here); bench/llm_results.json
+    python bench/llm.py --layers 24 --stacks zero3 --rounds 1 --dtype bf16 --fresh-malloc   # full depth (0.49B)
+    python bench/llm.py --pool bench/llm_results.json bench/llm_results_rounds8.json   # two runs' rounds together
+
+(--fresh-malloc at full depth: two bf16 ranks hold 10-11.6 GB each there, of this machine's 24 GiB, and a
+heap that never gives memory back, as the timed steps' does by default, was not tried at that size.)
 
 At full depth two fp32 ranks on one 24 GiB machine are OOM-killed in the first AdamW step (12 GB
 resident per rank: each builds the whole model before ZeRO-3 partitions it, and
@@ -15,31 +19,34 @@ downloaded; by default 2 of its 24 layers so that a step takes seconds here. Eac
 one sequence of 512 tokens: one fp32 logits tensor of the rank's micro-batch is
 L = 1 x 512 x 151,936 x 4 bytes = 311 MB, more than the 2 layers' weights.
 
-Each (stack, method) runs in its own 2-rank torchrun job, so that its memory is its own: an AdamW
-step first (its state then exists, as in any run past its first step), then a second one, untimed,
-under the CPU allocator's view (tests/allocator.py: the profiler's memory events, exact where RSS
-moves by 0.2 L from run to run; the profiler slows a step by about 40%, and an AdamW step right
-after the first is still slower by up to 1.9x here, so neither may be timed); then a method step,
-untimed (a snapshot target's first step has no target yet: it only builds the snapshot, and took
-0.6x as long as the next one in two runs here); then rounds of [a step of the method, an AdamW step]
-side by side, each timed, each with its own peak RSS (the kernel's peak reset before the step:
-/proc/self/clear_refs, Linux) and on a GPU its own allocator peak; then the method's step, untimed,
-under the allocator's view. Both views count from the live memory between two steps. Per rank it
-reports the method's peak over AdamW's (the largest of their steps' peaks: extra_over_adamw_L, in
-units of L), the step time over the AdamW step of the same round (median and range over the rounds),
+Each (stack, method) runs in its own 2-rank torchrun job, so that its memory is its own. Memory
+first, untimed: an AdamW step (its state then exists, as in any run past its first step), then
+AdamW's memory, then a method step (a snapshot target's first step has no target yet: it only
+builds the snapshot, and took 0.6x as long as the next one in two runs here), then the method's
+memory. A step's memory is two more of its steps (memory_peaks): one under the CPU allocator's view
+(tests/allocator.py: the profiler's memory events, exact where RSS moves by 0.2 L from run to run),
+one alone for its peak RSS (the kernel's peak reset before the step: /proc/self/clear_refs, Linux),
+each from the live memory between two steps, with glibc's malloc at its defaults and every free
+page given back first. Then time: malloc keeps what it frees from here on, as a GPU's caching
+allocator does (keep_freed_memory: by default the kernel zeroes every large tensor's pages afresh,
+about half a step's time here), two untimed rounds of [method step, AdamW step] let its heap grow,
+then rounds of the same, each step timed, with its kernel seconds and page faults (a heap still
+growing shows there), and on a GPU its own allocator peak. Per rank it
+reports the method's peak over AdamW's (extra_over_adamw_L, in units of L: each step's peak over
+the memory it started from), the step time over the AdamW step of the same round (median and range over the rounds),
 and the host reads of a method's step made by tram_dist's code (tests/host_reads.py: torch's
 conversions to Python values, counted; DeepSpeed's and the model's own are theirs). weight_copy_L is
 what TRAM holds by design on the weight side while theta + e is loaded: a copy of the local shard of
 theta (on FSDP2; none on ZeRO-3, whose fp32 masters hold theta), so activation_extra_L =
 extra_over_adamw_L - weight_copy_L is the logits side, and allocated_logits_side_L likewise in the
-allocator's view. A snapshot target's fp32 shard (snapshot_L) is alive from its first step on, in
-the AdamW steps between as well, so it is in neither side of a difference (README counts it on the
-weight side: one more fp32 copy of the local shard). In the allocator's view the all-gathers of
+allocator's view. A snapshot target's fp32 shard (snapshot_L) is alive from its first step on,
+before the method's memory steps begin, so it is in neither side of a difference (README counts it
+on the weight side: one more fp32 copy of the local shard). In the allocator's view the all-gathers of
 ZeRO-3 and FSDP2 write in place, as NCCL's do: gloo's all_gather_into_tensor gathers into a
 temporary of the output's size and copies it over, so on gloo each gather of a parameter costs twice
 its size for a moment (a gather of the 545 MB tied embedding on top of pass 1's activations was
-TRAM-previous's whole +0.62 L on ZeRO-3); --gloo-all-gather keeps gloo's there too. The workers run
-with glibc's malloc on transparent huge pages (MALLOC_TUNABLES below).
+TRAM-previous's whole +0.62 L on ZeRO-3); --gloo-all-gather keeps gloo's there too; the RSS steps
+keep gloo's. The workers run with glibc's malloc on transparent huge pages (MALLOC_TUNABLES below).
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ import contextlib
 import ctypes
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,9 +86,11 @@ L_BYTES = SEQ * VOCAB * 4
 # forward and backward, 30-50% of a step's time, in kernel time that varies from run to run).
 # Transparent huge pages for malloc's memory cut that to a few thousand faults, not the bytes the
 # kernel zeroes (its clear_page was still 43% of the machine's CPU time in a TRAM-x run: docs/results.md,
-# "Where the CPU's time goes"); a GPU's caching allocator has no such cost. Set GLIBC_TUNABLES
-# yourself to measure otherwise.
-MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
+# "Where the CPU's time goes"; keep_freed_memory is what removes it from the timed steps). One arena
+# for every thread, so that gloo's threads allocate from the heap the timed steps keep (with an
+# arena of their own, each forward faulted 852 times again and spent 2 s in the kernel). Set
+# GLIBC_TUNABLES yourself to measure otherwise.
+MALLOC_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"
 
 
 @contextlib.contextmanager
@@ -201,35 +211,42 @@ def worker(args) -> None:
     lap("setup")
     in_place = not args.gloo_all_gather and dist.get_backend() == "gloo"  # NCCL gathers in place itself
     base_step(wrapped, optimizer, batch)  # AdamW's state exists from here on, as past any first step
-    # The allocator's view of an AdamW step, untimed (the profiler slows a step by about 40%, and
-    # the step after the first is slow anyway); its origin is the live memory between two steps.
-    adamw_allocated = allocator_peak(lambda: base_step(wrapped, optimizer, batch), in_place)
+    # An AdamW step's memory, untimed (the profiler slows a step by about 40%, and the steps after
+    # the first are slow anyway); its origin is the live memory between two steps.
+    adamw_allocated, adamw_rss, adamw_rss_start = memory_peaks(lambda: base_step(wrapped, optimizer, batch), in_place)
     tram = TRAM(wrapped, optimizer, TRAMConfig(**METHODS[args.method]), forward_fn=causal_lm_forward)
     tram.step(batch)  # untimed: a snapshot target's first step has no target yet (it builds the snapshot)
+    # The method's step's memory, from the same kind of origin (between two steps; a snapshot is
+    # alive there, so in neither peak). Both come before the timed steps: those run with malloc
+    # keeping what it frees, after which its heap is spread out and an RSS would count the holes.
+    allocated, method_rss, method_rss_start = memory_peaks(lambda: tram.step(batch), in_place)
+    lap("memory_views")
+    keep_freed_memory(not args.fresh_malloc)
+    for _ in range(args.warmup_rounds):  # untimed: malloc's heap grows to what the steps reuse from here
+        tram.step(batch)
+        base_step(wrapped, optimizer, batch)
     lap("warmup")
-    timed = {"adamw": [], "method": []}  # (seconds, peak RSS, allocator's peak on a GPU) of each step
+    timed = {"adamw": [], "method": []}  # (seconds, allocator's peak on a GPU, kernel s, faults) of each step
     read_counts = []
     for _ in range(args.rounds):
         dist.barrier()
-        with HostReads() as reads, measured(timed["method"], cuda):
+        with HostReads() as reads, timed_step(timed["method"], cuda):
             tram.step(batch)
         read_counts.append(len(reads.calls))
         dist.barrier()
-        with measured(timed["adamw"], cuda):
+        with timed_step(timed["adamw"], cuda):
             base_step(wrapped, optimizer, batch)
     lap("rounds")
-    # The method's step in the allocator's view, from the same kind of origin (between two steps; a
-    # snapshot is alive there, so in neither peak).
-    allocated = allocator_peak(lambda: tram.step(batch), in_place)
-    lap("allocator_view")
-    method_s, method_rss, method_cuda = zip(*timed["method"])
-    adamw_s, adamw_rss, adamw_cuda = zip(*timed["adamw"])
+    method_s, method_cuda, method_kernel_s, method_faults = zip(*timed["method"])
+    adamw_s, adamw_cuda, adamw_kernel_s, adamw_faults = zip(*timed["adamw"])
     result = {
         "rank": rank, "stack": args.stack, "method": args.method, "layers": args.layers, "dtype": args.dtype,
         "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()),
-        "peak_rss_bytes": max(method_rss), "adamw_rss_bytes": max(adamw_rss),
-        "step_peak_rss_bytes": list(method_rss), "adamw_step_peak_rss_bytes": list(adamw_rss),
+        "peak_rss_bytes": method_rss, "adamw_rss_bytes": adamw_rss,
+        "rss_start_bytes": method_rss_start, "adamw_rss_start_bytes": adamw_rss_start,
         "base_step_s": list(adamw_s), "step_s": list(method_s),
+        "step_kernel_s": list(method_kernel_s), "base_step_kernel_s": list(adamw_kernel_s),
+        "step_faults": list(method_faults), "base_step_faults": list(adamw_faults),
         "host_reads_per_step": read_counts,
         "allocated_peak_bytes": allocated, "adamw_allocated_peak_bytes": adamw_allocated,
         "weight_copy_bytes": weight_copy_bytes(args.stack, wrapped),
@@ -245,33 +262,71 @@ def worker(args) -> None:
     exit_run()
 
 
-def allocator_peak(step, in_place: bool) -> int:
-    """The CPU allocator's peak over one call of ``step``, from the live bytes before it
-    (tests/allocator.py); all-gathers in place (as NCCL's) where ``in_place``."""
+def memory_peaks(step, in_place: bool) -> tuple[int, int, int]:
+    """(the CPU allocator's peak over the live bytes before it, peak RSS, RSS before it) of ``step``, from
+    two calls: one in the allocator's view (tests/allocator.py's events; all-gathers in place, as
+    NCCL's, where ``in_place``), then one alone (the profiler keeps records of its own), its peak
+    RSS (VmHWM) reset to the current RSS first (/proc/self/clear_refs, Linux 4.0+). glibc's malloc
+    is at its defaults and gives every free page back before each call, so that a step makes each
+    of its tensors afresh and its RSS counts them."""
+    keep_freed_memory(False)
     with Allocations() as mem, (gathers_in_place() if in_place else contextlib.nullcontext()):
         mem.mark("step")
         step()
-    return mem.peaks()["step"]
+    keep_freed_memory(False)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = status_bytes("VmRSS:")
+    step()
+    return mem.peaks()["step"], status_bytes("VmHWM:"), start
+
+
+def status_bytes(field: str) -> int:
+    """A size from /proc/self/status (VmRSS:, VmHWM:)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+# mallopt's parameters (malloc.h) and glibc's defaults for them, as it settles once tensors have come and
+# gone (the mmap threshold rises to the largest freed mapping, at most 32 MB, the trim threshold to twice it).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+GLIBC_DEFAULTS = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
+
+
+def keep_freed_memory(keep: bool) -> None:
+    """glibc's malloc keeps what a step frees for the next (``keep``), as a GPU's caching allocator
+    does, or gives it back to the kernel as it does by default. By default every tensor of 32 MB or
+    more is mapped afresh and unmapped when freed, so the kernel zeroes its pages again in every
+    step: in perf's samples of a 2-rank TRAM-x run at this shape on FSDP2, clear_page took 43% of
+    the machine's CPU time, the matmuls 26%; a TRAM-x step took 25-37 s, 11-17 s of it in the
+    kernel (an AdamW step 11-15 s, 5-7 s). Kept (no mmap, no trimming; one arena, MALLOC_TUNABLES),
+    once the heap had grown, a TRAM-x step took 19 s, 3.5 s in the kernel (AdamW 9.4 s, 0.8 s).
+    The timed steps run kept; the memory steps don't, and give every free page back first
+    (malloc_trim), so that their RSS is the step's own."""
+    libc = ctypes.CDLL(None)
+    settings = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1} if keep else GLIBC_DEFAULTS  # -1: never trim
+    for param, value in settings.items():
+        if libc.mallopt(param, value) != 1:
+            raise RuntimeError(f"mallopt({param}, {value}) failed")
+    if not keep:
+        libc.malloc_trim(0)
 
 
 @contextlib.contextmanager
-def measured(into: list, cuda: bool):
-    """Appends (seconds, peak RSS, allocator's peak or 0) of the block: the kernel's peak RSS
-    (VmHWM) is reset to the current RSS first (/proc/self/clear_refs, Linux 4.0+), so each step has
-    its own peak, whatever ran before it; on a GPU the allocator's peak likewise. glibc's free
-    pages go back to the kernel first (malloc_trim), or a step would start from what the step
-    before it freed and kept."""
-    ctypes.CDLL(None).malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+def timed_step(into: list, cuda: bool):
+    """Appends (seconds, the GPU allocator's peak or 0, kernel seconds, page faults) of the block: the
+    last two (this process's, getrusage) say whether malloc's heap still grew in a timed step."""
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     yield
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    into.append((seconds, hwm, torch.cuda.max_memory_allocated() if cuda else 0))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    into.append((seconds, torch.cuda.max_memory_allocated() if cuda else 0,
+                 after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt))
 
 
 def weight_copy_bytes(stack: str, wrapped) -> int:
@@ -287,8 +342,9 @@ def launch(stack: str, method: str, args) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), os.path.abspath(__file__), "--worker", "--stack", stack,
            "--method", method, "--layers", str(args.layers), "--rounds", str(args.rounds), "--out", out,
-           "--dtype", args.dtype]
+           "--warmup-rounds", str(args.warmup_rounds), "--dtype", args.dtype]
     cmd += ["--gloo-all-gather"] if args.gloo_all_gather else []
+    cmd += ["--fresh-malloc"] if args.fresh_malloc else []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.setdefault("GLIBC_TUNABLES", MALLOC_TUNABLES)
     start = time.perf_counter()
@@ -308,7 +364,9 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
         for r in ranks:
             row = {k: r[k] for k in ("stack", "method", "layers", "rank", "params", "peak_rss_bytes", "adamw_rss_bytes")}
             row["dtype"] = r.get("dtype", "fp32")
-            extra = r["peak_rss_bytes"] - r["adamw_rss_bytes"]
+            # Each step's growth over the RSS it started from: a snapshot, alive from the method's first
+            # step on, is in the method's start and in neither growth, as in the allocator's view.
+            extra = (r["peak_rss_bytes"] - r["rss_start_bytes"]) - (r["adamw_rss_bytes"] - r["adamw_rss_start_bytes"])
             row["extra_over_adamw_L"] = extra / L_BYTES
             # A snapshot is alive in the AdamW steps too (they run between the method's), so only
             # the transient copy of theta is TRAM's on the weight side, in both views.
@@ -325,9 +383,35 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
             row["ratio_range"] = [min(ratios), max(ratios)]
             row["base_step_s"] = statistics.median(r["base_step_s"])
             row["rounds_s"] = [[t, b] for t, b in zip(r["step_s"], r["base_step_s"])]  # (method, AdamW): runs pool
+            if "step_faults" in r:  # the same rounds' kernel seconds and page faults: a heap still growing shows
+                row["rounds_kernel_s"] = [[t, b] for t, b in zip(r["step_kernel_s"], r["base_step_kernel_s"])]
+                row["rounds_faults"] = [[t, b] for t, b in zip(r["step_faults"], r["base_step_faults"])]
             row["host_reads_per_step"] = max(r["host_reads_per_step"])
             rows.append(row)
     return rows
+
+
+def entry_key(args) -> str:
+    """The results file's entry of a run: its depth, dtype and protocol (a rerun never mixes two protocols' rows)."""
+    key = f"layers{args.layers}" + ("_bf16" if args.dtype == "bf16" else "")
+    key += "_gloo_all_gather" if args.gloo_all_gather else ""
+    return key + ("_fresh_malloc" if args.fresh_malloc else "")
+
+
+def pooled(paths: list[str], key: str) -> str:
+    """The step-time ratios of several runs' ``key`` entries, every timed round of each (stack, method)
+    together: median and range over all of them, rank 0's (a round's ranks wait for each other)."""
+    rounds: dict[tuple[str, str], list[float]] = {}
+    for path in paths:
+        for r in json.load(open(path))[key]["rows"]:
+            if r["rank"] == 0 and "rounds_s" in r:
+                rounds.setdefault((r["stack"], r["method"]), []).extend(t / b for t, b in r["rounds_s"])
+    lines = [f"{key} of {', '.join(paths)}", "| stack | method | rounds | step / AdamW step, median (range) |",
+             "|---|---|---|---|"]
+    for (stack, method), ratios in sorted(rounds.items(), key=lambda kv: (kv[0][0], list(METHODS).index(kv[0][1]))):
+        lines.append(f"| {stack} | {method} | {len(ratios)} | {statistics.median(ratios):.2f} "
+                     f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -355,7 +439,12 @@ def main() -> None:
     p.add_argument("--stacks", default=",".join(STACKS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup-rounds", type=int, default=2,
+                   help="untimed rounds before the timed ones, once malloc keeps what it frees")
+    p.add_argument("--fresh-malloc", action="store_true",
+                   help="time the steps with glibc's default malloc (every large tensor's pages zeroed afresh "
+                        "by the kernel) instead of one that keeps what it frees: less memory, for the full depth")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: the model in bf16 under DeepSpeed's bf16 (ZeRO-3 only); L stays an fp32 logits tensor")
     p.add_argument("--gloo-all-gather", action="store_true",
@@ -363,9 +452,14 @@ def main() -> None:
                         "instead of in place, as NCCL gathers")
     p.add_argument("--tmp", default="/tmp/tram_bench_llm")
     p.add_argument("--json", default=os.path.join(ROOT, "bench", "llm_results.json"))
+    p.add_argument("--pool", nargs="+", metavar="JSON",
+                   help="measure nothing: print the step-time ratios of these results files' rounds pooled "
+                        "(the entry of --layers, --dtype and the protocol flags)")
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.pool:
+        return print(pooled(args.pool, entry_key(args)))
     if args.dtype == "bf16" and args.stacks != "zero3":
         p.error("--dtype bf16 runs on --stacks zero3 only (DeepSpeed's bf16; FSDP2 would need a mixed-precision policy)")
     methods = args.methods.split(",")
@@ -378,15 +472,15 @@ def main() -> None:
     print(table(rows))
     print(f"{elapsed / 60:.1f} minutes")
     results = json.load(open(args.json)) if os.path.exists(args.json) else {}
-    key = f"layers{args.layers}" + ("_bf16" if args.dtype == "bf16" else "")
-    key += "_gloo_all_gather" if args.gloo_all_gather else ""
+    key = entry_key(args)
     today = time.strftime("%Y-%m-%d")
     for r in rows:
         r["date"] = today  # each row its own: a partial rerun keeps the others' rows
     measured = {(r["stack"], r["method"]) for r in rows}  # a partial rerun replaces only its own rows
     kept = [r for r in results.get(key, {}).get("rows", []) if (r["stack"], r["method"]) not in measured]
     results[key] = {"date": today, "command": " ".join(sys.argv), "L_bytes": L_BYTES,
-                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES), "minutes": round(elapsed / 60, 1),
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES),
+                    "timed_malloc": "fresh" if args.fresh_malloc else "kept", "minutes": round(elapsed / 60, 1),
                     "rows": sorted(kept + rows, key=lambda r: (r["stack"], list(METHODS).index(r["method"]), r["rank"]))}
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

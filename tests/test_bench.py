@@ -1,5 +1,5 @@
-"""bench/: the counted parts of `make bench` on DDP (2 ranks), bench/gpu_check.sh's shape, and the
-experiments' paired differences.
+"""bench/: the counted parts of `make bench` on DDP (2 ranks), bench/gpu_check.sh's shape, bench/llm.py's
+two malloc modes and its pooled rounds, and the experiments' paired differences.
 
 Step-time ratios are measured by `make bench` and quoted in docs/results.md; no test asserts a time. What
 is asserted here is counted: TRAM adds exactly one all-reduce (56 bytes) to two plain passes,
@@ -68,6 +68,49 @@ def test_gpu_check_runs_its_code_on_the_cpu_at_a_toy_size():
         assert r["model"] == "qwen0.5b" and r["L_bytes"] == 1 * 32 * 512 * 4 and r["rounds"] == 1
         assert math.isfinite(r["ratio"]) and 0 < r["ratio_range"][0] <= r["ratio"] <= r["ratio_range"][1]
     assert "| qwen0.5b | " in proc.stdout and "| tram_fisher |" in proc.stdout
+
+
+def test_bench_llm_keeps_freed_memory_only_while_it_times():
+    """bench/llm.py times its steps with glibc's malloc keeping what they free (as a GPU's caching
+    allocator) and measures memory with it giving everything back: a freed 256 MB tensor stays
+    resident in the first mode and leaves in the second. In a process of its own: malloc's settings
+    are the process's."""
+    code = """
+import sys, torch
+sys.path.insert(0, "bench")
+import llm
+rss = lambda: llm.status_bytes("VmRSS:")
+llm.keep_freed_memory(True)
+start = rss()
+t = torch.ones(64 << 20)
+del t
+kept = rss() - start
+llm.keep_freed_memory(False)
+print(kept, rss() - start)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept, after = map(int, proc.stdout.split())
+    assert kept > 200 << 20 and after < 50 << 20, (kept, after)
+
+
+def test_bench_llm_pools_the_rounds_of_its_runs(tmp_path):
+    """`bench/llm.py --pool`: every timed round of the runs' entries, rank 0's, one median and range per
+    (stack, method); another protocol's entry (--fresh-malloc) is not mixed in."""
+    def run(rounds_s, fresh=None):
+        row = dict(stack="fsdp2", method="sam", rank=0, rounds_s=rounds_s)
+        entry = {"layers2": {"rows": [row, dict(row, rank=1, rounds_s=[[99.0, 1.0]])]}}
+        if fresh is not None:
+            entry["layers2_fresh_malloc"] = {"rows": [dict(row, rounds_s=fresh)]}
+        return entry
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(run([[2.0, 1.0], [9.0, 3.0]], fresh=[[5.0, 1.0]])))
+    b.write_text(json.dumps(run([[4.4, 2.0]])))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "llm.py"), "--pool", str(a), str(b)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| fsdp2 | sam | 3 | 2.20 (2.00-3.00) |" in proc.stdout, proc.stdout
 
 
 def test_experiment_table_pairs_by_seed():
