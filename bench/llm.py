@@ -30,8 +30,8 @@ each from the live memory between two steps, with glibc's malloc at its defaults
 page given back first. Then time: malloc keeps what it frees from here on, as a GPU's caching
 allocator does (keep_freed_memory: by default the kernel zeroes every large tensor's pages afresh,
 about half a step's time here), two untimed rounds of [method step, AdamW step] let its heap grow,
-then rounds of the same, each step timed, with its kernel seconds and page faults (a heap still
-growing shows there), and on a GPU its own allocator peak. Per rank it
+then rounds of the same, each step timed, with its page faults (a heap still growing shows there)
+and kernel seconds, and on a GPU its own allocator peak. Per rank it
 reports the method's peak over AdamW's (extra_over_adamw_L, in units of L: each step's peak over
 the memory it started from), the step time over the AdamW step of the same round (median and range over the rounds),
 and the host reads of a method's step made by tram_dist's code (tests/host_reads.py: torch's
@@ -193,7 +193,7 @@ def worker(args) -> None:
     from tram_dist import TRAM, TRAMConfig
     from tram_dist.forward import causal_lm_forward
 
-    begun, phases = time.perf_counter(), {}  # where a job's minutes go: set-up, warm-up, rounds, views
+    begun, phases = time.perf_counter(), {}  # where a job's minutes go: set-up, memory views, warm-up, rounds
 
     def lap(name: str) -> None:
         phases[name] = time.perf_counter() - begun - sum(phases.values())
@@ -273,12 +273,14 @@ def memory_peaks(step, in_place: bool) -> tuple[int, int, int]:
     with Allocations() as mem, (gathers_in_place() if in_place else contextlib.nullcontext()):
         mem.mark("step")
         step()
+    allocated = mem.peaks()["step"]
+    del mem  # the profiler's records are not the RSS step's
     keep_freed_memory(False)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = status_bytes("VmRSS:")
     step()
-    return mem.peaks()["step"], status_bytes("VmHWM:"), start
+    return allocated, status_bytes("VmHWM:"), start
 
 
 def status_bytes(field: str) -> int:
@@ -287,15 +289,17 @@ def status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
 
 
-# mallopt's parameters (malloc.h) and glibc's defaults for them, as it settles once tensors have come and
-# gone (the mmap threshold rises to the largest freed mapping, at most 32 MB, the trim threshold to twice it).
+# mallopt's parameters (malloc.h) and the values glibc's dynamic thresholds settle at once tensors have come
+# and gone (the mmap threshold rises to the largest freed mapping, at most 32 MB, the trim threshold to twice
+# it); setting them fixes them there.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 GLIBC_DEFAULTS = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 64 << 20}
 
 
 def keep_freed_memory(keep: bool) -> None:
     """glibc's malloc keeps what a step frees for the next (``keep``), as a GPU's caching allocator
-    does, or gives it back to the kernel as it does by default. By default every tensor of 32 MB or
+    does, or gives it back to the kernel as it does by default (thresholds fixed where glibc's dynamic ones
+    settle: GLIBC_DEFAULTS). By default every tensor of 32 MB or
     more is mapped afresh and unmapped when freed, so the kernel zeroes its pages again in every
     step: in perf's samples of a 2-rank TRAM-x run at this shape on FSDP2, clear_page took 43% of
     the machine's CPU time, the matmuls 26%; a TRAM-x step took 25-37 s, 11-17 s of it in the
@@ -314,9 +318,11 @@ def keep_freed_memory(keep: bool) -> None:
 
 @contextlib.contextmanager
 def timed_step(into: list, cuda: bool):
-    """Appends (seconds, the GPU allocator's peak or 0, kernel seconds, page faults) of the block: the
-    last two (this process's, getrusage) say whether malloc's heap still grew in a timed step."""
+    """Appends (seconds, the GPU allocator's peak or 0, kernel seconds, page faults) of the block, the last
+    two this process's (getrusage, all threads): faults say whether malloc's heap still grew in a timed
+    step; kernel seconds also carry gloo's socket time (0.6-0.7 s of an AdamW step without faults here)."""
     if cuda:
+        torch.cuda.synchronize()  # earlier work is not this step's
         torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
@@ -362,14 +368,15 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for method, ranks in ranks_by_method.items():
         for r in ranks:
-            row = {k: r[k] for k in ("stack", "method", "layers", "rank", "params", "peak_rss_bytes", "adamw_rss_bytes")}
+            row = {k: r[k] for k in ("stack", "method", "layers", "rank", "params", "peak_rss_bytes", "adamw_rss_bytes",
+                                     "rss_start_bytes", "adamw_rss_start_bytes")}
             row["dtype"] = r.get("dtype", "fp32")
             # Each step's growth over the RSS it started from: a snapshot, alive from the method's first
             # step on, is in the method's start and in neither growth, as in the allocator's view.
             extra = (r["peak_rss_bytes"] - r["rss_start_bytes"]) - (r["adamw_rss_bytes"] - r["adamw_rss_start_bytes"])
             row["extra_over_adamw_L"] = extra / L_BYTES
-            # A snapshot is alive in the AdamW steps too (they run between the method's), so only
-            # the transient copy of theta is TRAM's on the weight side, in both views.
+            # A snapshot is in neither growth (see above), so only the transient copy of theta is
+            # TRAM's on the weight side, in both views.
             row["weight_copy_L"] = r["weight_copy_bytes"] / L_BYTES
             row["snapshot_L"] = r["snapshot_bytes"] / L_BYTES
             row["activation_extra_L"] = (extra - r["weight_copy_bytes"]) / L_BYTES
@@ -402,10 +409,18 @@ def pooled(paths: list[str], key: str) -> str:
     """The step-time ratios of several runs' ``key`` entries, every timed round of each (stack, method)
     together: median and range over all of them, rank 0's (a round's ranks wait for each other)."""
     rounds: dict[tuple[str, str], list[float]] = {}
+    protocols = set()
     for path in paths:
-        for r in json.load(open(path))[key]["rows"]:
-            if r["rank"] == 0 and "rounds_s" in r:
+        entry = json.load(open(path)).get(key)
+        if entry is None or any("rounds_s" not in r for r in entry["rows"]):
+            raise SystemExit(f"{path}: no entry {key!r} whose rows keep each round's seconds (rounds_s; older runs kept only "
+                             "medians and ranges)")
+        protocols.add(entry.get("timed_malloc"))
+        for r in entry["rows"]:
+            if r["rank"] == 0:
                 rounds.setdefault((r["stack"], r["method"]), []).extend(t / b for t, b in r["rounds_s"])
+    if len(protocols) > 1:
+        raise SystemExit(f"{', '.join(paths)}: timed with different malloc protocols ({protocols}): not pooled")
     lines = [f"{key} of {', '.join(paths)}", "| stack | method | rounds | step / AdamW step, median (range) |",
              "|---|---|---|---|"]
     for (stack, method), ratios in sorted(rounds.items(), key=lambda kv: (kv[0][0], list(METHODS).index(kv[0][1]))):
@@ -416,6 +431,7 @@ def pooled(paths: list[str], key: str) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [f"L = one fp32 logits tensor of a rank's micro-batch = {L_BYTES / 1e6:.0f} MB",
+             "extra over AdamW: the method step's RSS growth over its start minus AdamW's (peak RSS: absolute)",
              "| stack | layers | method | rank | peak RSS GB (AdamW's) | extra over AdamW (L) | of it TRAM's theta copy (L) "
              "| logits side (L) | allocator: extra, logits side (L) | step / AdamW step (range) | host reads / step |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -443,8 +459,9 @@ def main() -> None:
     p.add_argument("--warmup-rounds", type=int, default=2,
                    help="untimed rounds before the timed ones, once malloc keeps what it frees")
     p.add_argument("--fresh-malloc", action="store_true",
-                   help="time the steps with glibc's default malloc (every large tensor's pages zeroed afresh "
-                        "by the kernel) instead of one that keeps what it frees: less memory, for the full depth")
+                   help="time the steps with malloc giving freed memory back (every large tensor's pages zeroed "
+                        "afresh by the kernel) instead of keeping it: less memory, for the full depth. Not the "
+                        "protocol of the runs before 2026-12-03 (those trimmed before every timed step)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: the model in bf16 under DeepSpeed's bf16 (ZeRO-3 only); L stays an fp32 logits tensor")
     p.add_argument("--gloo-all-gather", action="store_true",
@@ -477,10 +494,15 @@ def main() -> None:
     for r in rows:
         r["date"] = today  # each row its own: a partial rerun keeps the others' rows
     measured = {(r["stack"], r["method"]) for r in rows}  # a partial rerun replaces only its own rows
-    kept = [r for r in results.get(key, {}).get("rows", []) if (r["stack"], r["method"]) not in measured]
+    entry = results.get(key, {})
+    protocol = "fresh" if args.fresh_malloc else "kept"
+    if entry and entry.get("timed_malloc") != protocol:  # timed another way: none of its rows is kept
+        print(f"{args.json}: entry {key!r} was timed another way ({entry.get('timed_malloc')}); replaced")
+        entry = {}
+    kept = [r for r in entry.get("rows", []) if (r["stack"], r["method"]) not in measured]
     results[key] = {"date": today, "command": " ".join(sys.argv), "L_bytes": L_BYTES,
                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES),
-                    "timed_malloc": "fresh" if args.fresh_malloc else "kept", "minutes": round(elapsed / 60, 1),
+                    "timed_malloc": protocol, "minutes": round(elapsed / 60, 1),
                     "rows": sorted(kept + rows, key=lambda r: (r["stack"], list(METHODS).index(r["method"]), r["rank"]))}
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

@@ -70,7 +70,7 @@ def test_gpu_check_runs_its_code_on_the_cpu_at_a_toy_size():
     assert "| qwen0.5b | " in proc.stdout and "| tram_fisher |" in proc.stdout
 
 
-def test_bench_llm_keeps_freed_memory_only_while_it_times():
+def test_bench_llm_malloc_keeps_or_returns_freed_memory():
     """bench/llm.py times its steps with glibc's malloc keeping what they free (as a GPU's caching
     allocator) and measures memory with it giving everything back: a freed 256 MB tensor stays
     resident in the first mode and leaves in the second. In a process of its own: malloc's settings
@@ -111,6 +111,12 @@ def test_bench_llm_pools_the_rounds_of_its_runs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| fsdp2 | sam | 3 | 2.20 (2.00-3.00) |" in proc.stdout, proc.stdout
+    c = tmp_path / "c.json"  # timed with malloc giving memory back: not pooled with the kept runs
+    c.write_text(json.dumps({"layers2": dict(run([[2.0, 1.0]])["layers2"], timed_malloc="fresh")}))
+    a.write_text(json.dumps({"layers2": dict(run([[2.0, 1.0]])["layers2"], timed_malloc="kept")}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "llm.py"), "--pool", str(a), str(c)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "different malloc protocols" in proc.stderr, proc.stdout + proc.stderr
 
 
 def test_experiment_table_pairs_by_seed():
