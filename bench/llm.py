@@ -389,10 +389,11 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
             row["step_time_ratio"] = statistics.median(ratios)
             row["ratio_range"] = [min(ratios), max(ratios)]
             row["base_step_s"] = statistics.median(r["base_step_s"])
-            row["rounds_s"] = [[t, b] for t, b in zip(r["step_s"], r["base_step_s"])]  # (method, AdamW): runs pool
-            if "step_faults" in r:  # the same rounds' kernel seconds and page faults: a heap still growing shows
-                row["rounds_kernel_s"] = [[t, b] for t, b in zip(r["step_kernel_s"], r["base_step_kernel_s"])]
-                row["rounds_faults"] = [[t, b] for t, b in zip(r["step_faults"], r["base_step_faults"])]
+            # Each round's (method, AdamW) seconds, so that runs pool; its kernel seconds and page faults
+            # likewise (a heap still growing shows there).
+            for name, method_key in (("rounds_s", "step_s"), ("rounds_kernel_s", "step_kernel_s"),
+                                     ("rounds_faults", "step_faults")):
+                row[name] = [list(pair) for pair in zip(r[method_key], r["base_" + method_key])]
             row["host_reads_per_step"] = max(r["host_reads_per_step"])
             rows.append(row)
     return rows
