@@ -33,9 +33,10 @@ about half a step's time here), two untimed rounds of [method step, AdamW step] 
 then rounds of the same, each step timed, with its page faults (a heap still growing shows there)
 and kernel seconds, and on a GPU its own allocator peak. Per rank it
 reports the method's peak over AdamW's (extra_over_adamw_L, in units of L: each step's peak over
-the memory it started from), the step time over the AdamW step of the same round (median and range over the rounds),
-the fastest method step over the fastest AdamW step (fastest_ratio: the least disturbed of each, where other work on the
-host slows some steps and never speeds one up), and the host reads of a method's step made by tram_dist's code (tests/host_reads.py: torch's
+the memory it started from), the step time over the AdamW step of the same round (median and range
+over the rounds), the fastest method step over the fastest AdamW step (fastest_ratio: the least
+disturbed of each, where other work on the host slows some steps and never speeds one up), and the
+host reads of a method's step made by tram_dist's code (tests/host_reads.py: torch's
 conversions to Python values, counted; DeepSpeed's and the model's own are theirs). weight_copy_L is
 what TRAM holds by design on the weight side while theta + e is loaded: a copy of the local shard of
 theta (on FSDP2; none on ZeRO-3, whose fp32 masters hold theta), so activation_extra_L =
