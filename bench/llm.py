@@ -400,10 +400,7 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
             row["allocated_logits_side_L"] = (alloc_extra - r["weight_copy_bytes"]) / L_BYTES
             if "peak_allocated_bytes" in r:
                 row["extra_allocated_L"] = (r["peak_allocated_bytes"] - r["adamw_allocated_bytes"]) / L_BYTES
-            ratios = [t / b for t, b in zip(r["step_s"], r["base_step_s"])]
-            row["step_time_ratio"] = statistics.median(ratios)
-            row["ratio_range"] = [min(ratios), max(ratios)]
-            row["fastest_ratio"] = min(r["step_s"]) / min(r["base_step_s"])
+            row["step_time_ratio"], row["ratio_range"], row["fastest_ratio"] = ratios(zip(r["step_s"], r["base_step_s"]))
             row["base_step_s"] = statistics.median(r["base_step_s"])
             # Each round's (method, AdamW) seconds, so that runs pool, and the rest of timed_step's record
             # likewise (rounds_faults: a heap still growing shows there; rounds_user_s: the host's speed).
@@ -412,6 +409,20 @@ def records(ranks_by_method: dict[str, list[dict]]) -> list[dict]:
             row["host_reads_per_step"] = max(r["host_reads_per_step"])
             rows.append(row)
     return rows
+
+
+def ratios(rounds) -> tuple[float, list[float], float]:
+    """Of (method seconds, AdamW seconds) rounds: the median of the per-round ratios, their [min, max],
+    and the fastest method step over the fastest AdamW step."""
+    rounds = list(rounds)
+    per_round = [t / b for t, b in rounds]
+    fastest = min(t for t, _ in rounds) / min(b for _, b in rounds)
+    return statistics.median(per_round), [min(per_round), max(per_round)], fastest
+
+
+def row_order(stack: str, method: str) -> tuple[str, int]:
+    """Rows and pooled lines by stack, then in METHODS' order."""
+    return stack, list(METHODS).index(method)
 
 
 def entry_key(args) -> str:
@@ -441,11 +452,9 @@ def pooled(paths: list[str], key: str) -> str:
     lines = [f"{key} of {', '.join(paths)}",
              "| stack | method | rounds | step / AdamW step, median (range) | fastest step / fastest AdamW step |",
              "|---|---|---|---|---|"]
-    for (stack, method), pairs in sorted(rounds.items(), key=lambda kv: (kv[0][0], list(METHODS).index(kv[0][1]))):
-        ratios = [t / b for t, b in pairs]
-        fastest = min(t for t, _ in pairs) / min(b for _, b in pairs)
-        lines.append(f"| {stack} | {method} | {len(ratios)} | {statistics.median(ratios):.2f} "
-                     f"({min(ratios):.2f}-{max(ratios):.2f}) | {fastest:.2f} |")
+    for (stack, method), pairs in sorted(rounds.items(), key=lambda kv: row_order(*kv[0])):
+        median, (lo, hi), fastest = ratios(pairs)
+        lines.append(f"| {stack} | {method} | {len(pairs)} | {median:.2f} ({lo:.2f}-{hi:.2f}) | {fastest:.2f} |")
     return "\n".join(lines)
 
 
@@ -525,7 +534,7 @@ def main() -> None:
     results[key] = {"date": today, "command": " ".join(sys.argv), "L_bytes": L_BYTES,
                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES),
                     "timed_malloc": protocol, "minutes": round(elapsed / 60, 1),
-                    "rows": sorted(kept + rows, key=lambda r: (r["stack"], list(METHODS).index(r["method"]), r["rank"]))}
+                    "rows": sorted(kept + rows, key=lambda r: (*row_order(r["stack"], r["method"]), r["rank"]))}
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
 
